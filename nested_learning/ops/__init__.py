@@ -1,0 +1,12 @@
+"""Hot-path ops, one module per op; each is a torch custom op that picks its backend.
+
+``nested_learning.ops.delta_rule`` is the function of the op of that name (its module stays
+importable as ``nested_learning.ops.delta_rule`` through ``sys.modules``).
+"""
+
+from ._library import BACKENDS, EXT_ERROR, HAS_EXT, HAS_TRITON, available, select, use_backend
+from .delta_rule import delta_rule
+
+OPS = ("delta_rule",)
+
+__all__ = ["OPS", "BACKENDS", "EXT_ERROR", "HAS_EXT", "HAS_TRITON", "available", "select", "use_backend", "delta_rule"]

@@ -1,0 +1,48 @@
+"""Input validation shared by the ops: every message names the argument, expected and actual."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value: object, ndim: int) -> Tensor:
+    """``value`` as a floating tensor of rank ``ndim``, else TypeError/ValueError naming ``name``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOATING:
+        raise TypeError(f"{name} must have a floating dtype {FLOATING}, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def shape(name: str, value: Tensor, expected: Sequence[int], layout: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def same_device(reference: Tensor, **named: Optional[Tensor]) -> None:
+    for name, value in named.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(f"{name} is on {value.device} but q is on {reference.device}; all inputs must share a device")
+
+
+def finite(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def values_in(name: str, value: Tensor, low: float, high: float) -> None:
+    """Every element of ``value`` is finite and lies in [low, high]. One reduction, one sync."""
+    if value.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(value.detach().float())).tolist()
+    if not (low <= lo and hi <= high and math.isfinite(lo) and math.isfinite(hi)):  # NaN fails too
+        raise ValueError(f"{name} must hold finite values in [{low}, {high}], got values in [{lo}, {hi}]")
