@@ -35,6 +35,11 @@ def backends_for(spec: Spec, case: Case, device: torch.device, wanted: Optional[
     return [b for b in names if ops.available(b, device)[0] and spec.backend_supports(b, case)]
 
 
+def timing_backends(spec: Spec, case: Case, device: torch.device, wanted: Optional[Iterable[str]] = None) -> list[str]:
+    """Backends worth timing: available ones, minus Triton interpreted on CPU (a test mode)."""
+    return [b for b in backends_for(spec, case, device, wanted) if not (b == "triton" and device.type == "cpu")]
+
+
 def run_checks(
     op_names: Iterable[str], device: torch.device, wanted: Optional[Iterable[str]] = None, progress: Progress = lambda s: None
 ) -> list[CheckResult]:
@@ -87,7 +92,7 @@ def run_bench(
         for case in spec.bench_cases(device, quick):
             progress(f"{case.name}: reference in float64")
             checker = Checker(spec, case, device)
-            candidates = [(b, spec.call, b, "backend") for b in backends_for(spec, case, device, wanted)]
+            candidates = [(b, spec.call, b, "backend") for b in timing_backends(spec, case, device, wanted)]
             candidates += [(n, impl, None, "baseline") for n, impl in spec.baselines(case, device).items()]
             case_rows = []
             for name, impl, backend, kind in candidates:
