@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import subprocess
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -40,7 +41,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(c, justify="left" if c in ("case", "implementation", "backend", "quantity", "mode") else "right")
     for r in cells:
         table.add_row(*r)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
 
 
 @contextlib.contextmanager
@@ -49,8 +50,6 @@ def progress(total: int, description: str) -> Iterator[Callable[[str], None]]:
     try:
         from rich.progress import Progress
     except ImportError:
-        import sys
-
         yield lambda label: print(f"  {label}", file=sys.stderr)
         return
     with Progress(transient=True) as bar:
@@ -103,5 +102,5 @@ def plot(path: str, rows: list[dict[str, Any]], title: str) -> None:
             ax.text(t, y, f" {t:.3g} ms", va="center", fontsize=7)
     axes[-1, 0].set_xlabel("median time (ms, log scale); blue = nested_learning backends")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=120)
