@@ -14,7 +14,7 @@ import torch
 
 from nested_learning.benchmark import SPECS
 from nested_learning.benchmark.core import Checker, timed_call
-from nested_learning.benchmark.runner import MODES, backends_for, device_name, timing_backends
+from nested_learning.benchmark.runner import MODES, device_name, timing_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -67,7 +67,6 @@ class Spec:
     bench_cases: Callable[[torch.device, bool], list[Case]]
     work: Callable[[Case, str], tuple[float, float]]  # (flop, byte) of one call in a mode
     backend_supports: Callable[[str, Case], bool] = lambda backend, case: True
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def cotangents(spec: Spec, outputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:

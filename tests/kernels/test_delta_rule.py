@@ -4,7 +4,7 @@ and their shared memory on sm_90 (ahead-of-time compile, no GPU needed).
 Accuracy rule: the relative Frobenius error of o, the final state and every gradient against
 ``reference.recurrent`` in float64 (run on the inputs as the kernels see them, 16-bit ones upcast)
 must stay within 2 × max(error of ``reference.recurrent``, error of ``reference.chunked``, both
-computing in fp32 from the same inputs) + a floor (6e-8 fp32, 5e-4 fp16, 4e-3 bf16).
+computing in fp32 from the same inputs) + the dtype's unit roundoff (``nested_learning.testing``).
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 The kernels round 16-bit tensor-core operands to nearest even themselves there, so the rounding that
@@ -26,13 +26,13 @@ triton = pytest.importorskip("triton")
 if __name__ != "__main__" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+from nested_learning import testing  # noqa: E402
 from nested_learning.kernels import delta_rule as kernels  # noqa: E402
 from nested_learning.reference import delta_rule as reference  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FLOOR = {torch.float32: 6e-8, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 SCALE = 0.3
 SHARED_MEMORY_SM90 = 232448  # bytes per block (227 KiB)
 
@@ -86,28 +86,19 @@ def _kernels(x):
     return {"o": o, "ht": ht, **{n: gr for n, gr in zip(names, grads) if gr is not None}}
 
 
-def _rel(a, b):
-    a, b = a.detach().cpu().double(), b.detach().double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case):
     x = _inputs(*CASES[case])
-    dtype, floor = x["q"].dtype, FLOOR[x["q"].dtype]
+    dtype = x["q"].dtype
     exact = _reference(reference.recurrent, x, upcast=True)
     fp32 = [_reference(fn, x, upcast=False) for fn in (reference.recurrent, reference.chunked)]
     mine = _kernels(x)
     assert set(mine) == set(exact)
-    failures = []
     for name, want in exact.items():
         expected_dtype = torch.float32 if name == "ht" else fp32[0][name].dtype
         assert mine[name].dtype == expected_dtype and mine[name].shape == want.shape, name
-        err = _rel(mine[name], want)
-        bound = 2 * max(_rel(ref[name], want) for ref in fp32) + floor
-        if not err <= bound:
-            failures.append(f"{name}: {err:.3g} > {bound:.3g}")
-    assert not failures, f"{case} ({dtype}): " + ", ".join(failures)
+    failures = [v for v in testing.judge({n: t.cpu() for n, t in mine.items()}, exact, fp32, dtype) if not v.passed]
+    assert not failures, f"{case} ({dtype}): {failures}"
 
 
 # ----------------------------------------------------------------------------- sm_90 shared memory

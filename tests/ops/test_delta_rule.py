@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import nested_learning as nl
 from nested_learning import ops, testing
 from nested_learning.benchmark import SPECS
-from nested_learning.benchmark.core import Checker, evaluate
+from nested_learning.benchmark.core import Checker
 from nested_learning.benchmark.delta_rule import _case, _packed
 from nested_learning.reference import delta_rule as ref
 
