@@ -68,7 +68,7 @@ def doctor(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     device = _device(args.device)
     names = _ops(args.op)
-    with report.progress(0, "checking") as advance:
+    with report.progress("checking") as advance:
         results = runner.run_checks(names, device, args.backend, advance)
     rows = []
     for r in results:
@@ -92,7 +92,7 @@ def bench(args: argparse.Namespace) -> int:
     names = _ops(args.op)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with report.progress(0, "benchmarking") as advance:
+    with report.progress("benchmarking") as advance:
         rows = runner.run_bench(names, device, args.quick, args.backend, advance)
     dev = runner.device_name(device)
     table = [

@@ -69,7 +69,7 @@ class Spec:
     backend_supports: Callable[[str, Case], bool] = lambda backend, case: True
 
 
-def cotangents(spec: Spec, outputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
+def cotangents(outputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
     """Fixed random upstream gradients for ``outputs`` (same for every implementation)."""
     gen = torch.Generator().manual_seed(seed + 1)
     return tuple(torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outputs)
@@ -98,7 +98,7 @@ def evaluate(
     args, leaves = _leaves(spec, inputs, dtype)
     with use_backend(backend):
         outs = impl(args)
-        cots = cotangents(spec, outs, seed)
+        cots = cotangents(outs, seed)
         grads = torch.autograd.grad(outs, list(leaves.values()), cots, allow_unused=True)
     result = {name: out.detach() for name, out in zip(spec.outputs, outs)}
     for name, grad in zip(leaves, grads):
@@ -187,7 +187,7 @@ def timed_call(
         return forward
     args, leaves = _leaves(spec, inputs, None)
     with use_backend(backend):
-        cots = cotangents(spec, impl(args), seed)
+        cots = cotangents(impl(args), seed)
     wrt = list(leaves.values())
 
     def forward_backward() -> Any:

@@ -45,7 +45,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str) -> Iterator[Callable[[str], None]]:
+def progress(description: str) -> Iterator[Callable[[str], None]]:
     """A progress bar (rich) or one line per step on stderr; yields ``advance(label)``."""
     try:
         from rich.progress import Progress
@@ -53,7 +53,7 @@ def progress(total: int, description: str) -> Iterator[Callable[[str], None]]:
         yield lambda label: print(f"  {label}", file=sys.stderr)
         return
     with Progress(transient=True) as bar:
-        task = bar.add_task(description, total=total or None)
+        task = bar.add_task(description, total=None)
         yield lambda label: bar.update(task, advance=1, description=f"{description}: {label}")
 
 

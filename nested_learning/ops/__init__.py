@@ -7,6 +7,4 @@ importable as ``nested_learning.ops.delta_rule`` through ``sys.modules``).
 from ._library import BACKENDS, EXT_ERROR, HAS_EXT, HAS_TRITON, available, select, use_backend
 from .delta_rule import delta_rule
 
-OPS = ("delta_rule",)
-
-__all__ = ["OPS", "BACKENDS", "EXT_ERROR", "HAS_EXT", "HAS_TRITON", "available", "select", "use_backend", "delta_rule"]
+__all__ = ["BACKENDS", "EXT_ERROR", "HAS_EXT", "HAS_TRITON", "available", "select", "use_backend", "delta_rule"]

@@ -27,10 +27,12 @@ def shape(name: str, value: Tensor, expected: Sequence[int], layout: str) -> Non
         raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(value.shape)}")
 
 
-def same_device(reference: Tensor, **named: Optional[Tensor]) -> None:
+def same_device(reference_name: str, reference: Tensor, **named: Optional[Tensor]) -> None:
     for name, value in named.items():
         if value is not None and value.device != reference.device:
-            raise ValueError(f"{name} is on {value.device} but q is on {reference.device}; all inputs must share a device")
+            raise ValueError(
+                f"{name} is on {value.device} but {reference_name} is on {reference.device}; all inputs must share a device"
+            )
 
 
 def finite(name: str, value: float) -> float:
@@ -39,10 +41,13 @@ def finite(name: str, value: float) -> float:
     return float(value)
 
 
-def values_in(name: str, value: Tensor, low: float, high: float) -> None:
-    """Every element of ``value`` is finite and lies in [low, high]. One reduction, one sync."""
-    if value.numel() == 0:
+def values_in(bounds: dict[str, tuple[Tensor, float, float]]) -> None:
+    """Every element of each named tensor is finite and lies in its [low, high]; one device sync
+    for all of them (``bounds`` maps name → (tensor, low, high))."""
+    present = {n: b for n, b in bounds.items() if b[0].numel() > 0}
+    if not present:
         return
-    lo, hi = torch.stack(torch.aminmax(value.detach().float())).tolist()
-    if not (low <= lo and hi <= high and math.isfinite(lo) and math.isfinite(hi)):  # NaN fails too
-        raise ValueError(f"{name} must hold finite values in [{low}, {high}], got values in [{lo}, {hi}]")
+    extremes = torch.stack([torch.stack(torch.aminmax(t.detach().float())) for t, _, _ in present.values()]).tolist()
+    for (name, (_, low, high)), (lo, hi) in zip(present.items(), extremes):
+        if not (low <= lo and hi <= high and math.isfinite(lo) and math.isfinite(hi)):  # NaN fails too
+            raise ValueError(f"{name} must hold finite values in [{low}, {high}], got values in [{lo}, {hi}]")

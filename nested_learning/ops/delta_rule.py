@@ -98,9 +98,10 @@ def _compute_dtype(q: Tensor) -> torch.dtype:
 
 def _check_values(beta: Tensor, g: Optional[Tensor], cu_seqlens: Optional[Tensor], length: int) -> None:
     """Data-dependent checks; they run inside the op so that compiled graphs stay whole."""
-    _checks.values_in("beta", beta, 0.0, 2.0)
+    bounds = {"beta": (beta, 0.0, 2.0)}
     if g is not None:
-        _checks.values_in("g", g, float("-inf"), 0.0)
+        bounds["g"] = (g, float("-inf"), 0.0)
+    _checks.values_in(bounds)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:])):
@@ -223,7 +224,7 @@ def delta_rule(
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         _checks.shape("initial_state", _checks.tensor("initial_state", initial_state, 4), (N, H, K, V), "[N, H, K, V]")
-    _checks.same_device(q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    _checks.same_device("q", q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
     scale = K**-0.5 if scale is None else _checks.finite("scale", scale)
 
     ct = _compute_dtype(q)
