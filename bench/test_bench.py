@@ -14,7 +14,7 @@ import torch
 
 from nested_learning.benchmark import SPECS
 from nested_learning.benchmark.core import Checker, timed_call
-from nested_learning.benchmark.runner import MODES, device_name, timing_backends
+from nested_learning.benchmark.runner import device_name, timing_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -25,7 +25,7 @@ def _params(quick: bool) -> list:
         for case in spec.bench_cases(DEVICE, quick):
             impls = [(b, True) for b in timing_backends(spec, case, DEVICE)] + [(n, False) for n in spec.baselines(case, DEVICE)]
             params += [pytest.param(op, case, name, is_backend, mode, id=f"{case.name}/{name}/{mode}")
-                       for name, is_backend in impls for mode in MODES]
+                       for name, is_backend in impls for mode in spec.modes]
     return params
 
 

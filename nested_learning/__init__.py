@@ -5,9 +5,25 @@ Hot paths are torch custom ops in :mod:`nested_learning.ops`; their plain-PyTorc
 lives in :mod:`nested_learning.reference`.
 """
 
-from . import ops, reference
-from .ops import EXT_ERROR, HAS_EXT, HAS_TRITON, delta_rule
+from . import memory, ops, reference, training
+from .memory import ContinuumMemorySystem
+from .ops import EXT_ERROR, HAS_EXT, HAS_TRITON, cms_accumulate, cms_chunk_update, delta_rule
+from .training import ContinuumMemoryTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "delta_rule", "HAS_EXT", "EXT_ERROR", "HAS_TRITON", "__version__"]
+__all__ = [
+    "ContinuumMemorySystem",
+    "ContinuumMemoryTrainer",
+    "EXT_ERROR",
+    "HAS_EXT",
+    "HAS_TRITON",
+    "__version__",
+    "cms_accumulate",
+    "cms_chunk_update",
+    "delta_rule",
+    "memory",
+    "ops",
+    "reference",
+    "training",
+]

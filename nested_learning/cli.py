@@ -95,16 +95,18 @@ def bench(args: argparse.Namespace) -> int:
     with report.progress("benchmarking") as advance:
         rows = runner.run_bench(names, device, args.quick, args.backend, advance)
     dev = runner.device_name(device)
-    table = [
-        (r["case"], r["mode"], r["implementation"], r["median_ms"], r.get("vs_chunked"), r.get("vs_compiled"),
-         r.get("vs_loop"), r.get("floor_fraction"), r["passed"])
-        for r in rows
-    ]
-    report.print_table(
-        f"bench on {dev}: median ms; speed-up = baseline time / this time",
-        ("case", "mode", "implementation", "median ms", "x chunked", "x compiled", "x token loop", "floor frac", "check"),
-        table,
-    )
+    for op in names:
+        bases = SPECS[op].speedup_bases
+        table = [
+            (r["case"], r["mode"], r["implementation"], r["median_ms"], *(r["speedups"].get(b) for b in bases),
+             r.get("floor_fraction"), r["passed"] if r["kind"] != "floor" else "floor")
+            for r in rows if r["op"] == op
+        ]
+        report.print_table(
+            f"{op} bench on {dev}: median ms; x <base> = base time / this time",
+            ("case", "mode", "implementation", "median ms", *(f"x {b}" for b in bases), "floor frac", "check"),
+            table,
+        )
     if args.json:
         report.write_json(args.json, rows, dev)
         print(f"wrote {args.json}")

@@ -4,9 +4,11 @@
 inputs, ground truth, baselines and work model, one module per op (same stem as ``ops``).
 """
 
+from .cms_accumulate import SPEC as CMS_ACCUMULATE
+from .cms_chunk_update import SPEC as CMS_CHUNK_UPDATE
 from .core import Case, Spec
 from .delta_rule import SPEC as DELTA_RULE
 
-SPECS: dict[str, Spec] = {DELTA_RULE.op: DELTA_RULE}
+SPECS: dict[str, Spec] = {s.op: s for s in (DELTA_RULE, CMS_ACCUMULATE, CMS_CHUNK_UPDATE)}
 
 __all__ = ["SPECS", "Case", "Spec"]

@@ -66,7 +66,13 @@ class Spec:
     check_cases: Callable[[torch.device], list[Case]]
     bench_cases: Callable[[torch.device, bool], list[Case]]
     work: Callable[[Case, str], tuple[float, float]]  # (flop, byte) of one call in a mode
+    speedup_bases: tuple[str, ...]  # baselines every row is compared with (x <base> columns)
     backend_supports: Callable[[str, Case], bool] = lambda backend, case: True
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    # in-place ops: implementations return None and these are the outputs (the updated state)
+    state: Optional[Callable[[Inputs], tuple[Tensor, ...]]] = None
+    # timed reference points that compute something else (e.g. a bandwidth floor): never checked
+    floors: Callable[[Case, torch.device], dict[str, Impl]] = lambda case, device: {}
 
 
 def cotangents(outputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
@@ -75,12 +81,19 @@ def cotangents(outputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
     return tuple(torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outputs)
 
 
+def _copy(value: Any, dtype: Optional[torch.dtype]) -> Any:
+    """A private copy of a tensor (or list of tensors), floating ones cast to ``dtype`` if given."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v, dtype) for v in value)
+    if not isinstance(value, Tensor):
+        return value
+    return value.to(dtype) if dtype is not None and value.is_floating_point() else value.clone()
+
+
 def _leaves(spec: Spec, inputs: Inputs, dtype: Optional[torch.dtype]) -> tuple[Inputs, dict[str, Tensor]]:
-    """Inputs (optionally cast to ``dtype``) with the differentiable ones as fresh leaves."""
-    cast = {
-        k: (v.to(dtype) if dtype is not None and isinstance(v, Tensor) and v.is_floating_point() else v)
-        for k, v in inputs.items()
-    }
+    """Private copies of the inputs (optionally cast to ``dtype``; in-place ops then never touch
+    the shared ones), the differentiable ones as fresh leaves."""
+    cast = {k: _copy(v, dtype) for k, v in inputs.items()}
     leaves = {n: cast[n].detach().requires_grad_() for n in spec.differentiable if cast.get(n) is not None}
     return {**cast, **leaves}, leaves
 
@@ -98,8 +111,11 @@ def evaluate(
     args, leaves = _leaves(spec, inputs, dtype)
     with use_backend(backend):
         outs = impl(args)
-        cots = cotangents(outs, seed)
-        grads = torch.autograd.grad(outs, list(leaves.values()), cots, allow_unused=True)
+        if spec.state is not None:
+            outs = spec.state(args)
+        grads = ()
+        if leaves:
+            grads = torch.autograd.grad(outs, list(leaves.values()), cotangents(outs, seed), allow_unused=True)
     result = {name: out.detach() for name, out in zip(spec.outputs, outs)}
     for name, grad in zip(leaves, grads):
         result["d" + name] = grad if grad is not None else torch.zeros_like(leaves[name])
@@ -177,15 +193,17 @@ def median_time(
 def timed_call(
     spec: Spec, impl: Impl, inputs: Inputs, mode: str, seed: int = 0, backend: Optional[str] = None
 ) -> Callable[[], Any]:
-    """A zero-argument callable running ``impl`` once in ``mode`` ('fwd' or 'fwd+bwd')."""
-    if mode == "fwd":
+    """A zero-argument callable running ``impl`` once in ``mode``: 'fwd+bwd' runs the forward and
+    the backward, any other mode ('fwd', 'step') the call alone without autograd, on private
+    copies of the inputs."""
+    args, leaves = _leaves(spec, inputs, None)
+    if mode != "fwd+bwd":
 
         def forward() -> Any:
             with torch.no_grad(), use_backend(backend):
-                return impl(inputs)
+                return impl(args)
 
         return forward
-    args, leaves = _leaves(spec, inputs, None)
     with use_backend(backend):
         cots = cotangents(impl(args), seed)
     wrt = list(leaves.values())

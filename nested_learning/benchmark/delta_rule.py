@@ -177,5 +177,6 @@ SPEC = Spec(
     check_cases=check_cases,
     bench_cases=bench_cases,
     work=work,
+    speedup_bases=("reference.chunked", "reference.chunked+compile", "token loop"),
     backend_supports=backend_supports,
 )

@@ -13,8 +13,6 @@ from . import SPECS
 from .core import Case, Checker, CheckResult, Spec, median_time, timed_call
 
 Progress = Callable[[str], None]
-MODES = ("fwd", "fwd+bwd")
-SPEEDUP_BASES = {"reference.chunked": "vs_chunked", "reference.chunked+compile": "vs_compiled", "token loop": "vs_loop"}
 
 
 def device_name(device: torch.device) -> str:
@@ -81,9 +79,11 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Median times of every backend and baseline that passed the correctness check, per case and mode.
 
-    Each row: op, case, shape, dtype, device, mode, implementation, kind, median_ms, runs, the
-    worst error/budget ratio, speed-ups over the baselines, and on GPU the fraction of the floor
-    max(flop / peak flop/s, byte / peak byte/s) that the time reaches.
+    Each row: op, case, shape, dtype, device, mode, implementation, kind (backend, baseline or
+    floor), median_ms, runs, the worst error/budget ratio, ``speedups`` (time of each of the
+    spec's speed-up bases / this time), and on GPU the fraction of the floor
+    max(flop / peak flop/s, byte / peak byte/s) that the time reaches. Floors (reference points
+    computing something else, such as a bare memory pass) are timed without a check.
     """
     rows: list[dict[str, Any]] = []
     dev_name = device_name(device)
@@ -94,19 +94,21 @@ def run_bench(
             checker = Checker(spec, case, device)
             candidates = [(b, spec.call, b, "backend") for b in timing_backends(spec, case, device, wanted)]
             candidates += [(n, impl, None, "baseline") for n, impl in spec.baselines(case, device).items()]
+            candidates += [(n, impl, None, "floor") for n, impl in spec.floors(case, device).items()]
             case_rows = []
             for name, impl, backend, kind in candidates:
                 progress(f"{case.name}: {name}")
-                verdict = checker.check(name, impl, backend)
-                for mode in MODES:
+                verdict = checker.check(name, impl, backend) if kind != "floor" else None
+                for mode in spec.modes:
                     row = {
                         "op": op, "case": case.name, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""),
                         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in case.options},
                         "device": dev_name, "mode": mode, "implementation": name, "kind": kind,
-                        "passed": verdict.passed, "error_ratio": verdict.worst.ratio if verdict.worst else None,
-                        "error": verdict.error, "median_ms": None, "runs": 0,
+                        "passed": verdict.passed if verdict else None,
+                        "error_ratio": verdict.worst.ratio if verdict and verdict.worst else None,
+                        "error": verdict.error if verdict else None, "median_ms": None, "runs": 0,
                     }
-                    if verdict.passed:  # timed only after it passed on these inputs
+                    if verdict is None or verdict.passed:  # timed only after it passed on these inputs
                         seconds, runs = median_time(timed_call(spec, impl, checker.inputs, mode, backend=backend), device)
                         row.update(median_ms=seconds * 1e3, runs=runs)
                         peaks = _peaks(device, case.dtype)
@@ -114,16 +116,16 @@ def run_bench(
                             flop, byte = spec.work(case, mode)
                             row["floor_fraction"] = max(flop / peaks[1], byte / peaks[0]) / seconds
                     case_rows.append(row)
-            _add_speedups(case_rows)
+            _add_speedups(spec, case_rows)
             rows.extend(case_rows)
     return rows
 
 
-def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    for mode in MODES:
+def _add_speedups(spec: Spec, rows: list[dict[str, Any]]) -> None:
+    for mode in spec.modes:
         mode_rows = [r for r in rows if r["mode"] == mode]
         base = {r["implementation"]: r["median_ms"] for r in mode_rows}
         for r in mode_rows:
-            for base_name, key in SPEEDUP_BASES.items():
-                if r["median_ms"] and base.get(base_name):
-                    r[key] = base[base_name] / r["median_ms"]
+            r["speedups"] = {
+                name: base[name] / r["median_ms"] for name in spec.speedup_bases if r["median_ms"] and base.get(name)
+            }
