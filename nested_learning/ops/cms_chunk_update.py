@@ -9,9 +9,10 @@ Tokens of chunk c use the chunk-start weights W^(c); the summed per-token gradie
     W^(c+1) = W^(c) − lr Σ_{t∈c} ∇_W ℓ_t(W^(c))
 
 Forward and backward are the custom ops ``nested_learning::cms_chunk_update`` and
-``::cms_chunk_update_bwd``. When gradients are needed the forward keeps the chunk-start
-weights (one pair per chunk, never per token) and the backward recomputes each chunk's
-activations from them in one reverse sweep.
+``::cms_chunk_update_bwd``. When gradients are needed the forward keeps the residuals: the
+weights at each chunk start (one pair per chunk, never per token) and the per-token
+activations (z, W2ᵀe, e); the backward is then one reverse sweep of ten GEMMs per chunk with
+no forward recompute.
 """
 
 from __future__ import annotations
@@ -36,20 +37,21 @@ class _Backend(NamedTuple):
 # ----------------------------------------------------------------------------- backends
 # Contract shared by every backend: contiguous x [B, T, d] and target [B, T, e] of one dtype D;
 # w1 [B, h, d] and w2 [B, e, h] in the compute dtype (float64 when D is float64, else float32).
-# forward(x, target, w1, w2, lr, chunk_size, activation, save_starts) returns
-#   (o [B, T, e] in D, w1_final, w2_final, w1_starts [B, N, h, d], w2_starts [B, N, e, h]),
-#   N = ceil(T / chunk_size), the starts in the compute dtype (empty [0] when not save_starts);
-# backward(x, target, w1_starts, w2_starts, lr, chunk_size, activation, do, dw1_final, dw2_final)
-#   returns (dx in D, dtarget in D, dw1, dw2 in the compute dtype).
+# forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals) returns
+#   (o [B, T, e] in D, w1_final, w2_final, w1_starts [B, N, h, d], w2_starts [B, N, e, h],
+#    activations [B, T, 2h + e] = (z | W2ᵀe | e)), N = ceil(T / chunk_size), all but o in the
+#   compute dtype; the last three are empty [0] tensors when not save_residuals;
+# backward(x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do,
+#   dw1_final, dw2_final) returns (dx in D, dtarget in D, dw1, dw2 in the compute dtype).
 
 
-def _reference_forward(x, target, w1, w2, lr, chunk_size, activation, save_starts):
-    o, w1f, w2f, s1, s2 = reference.cms_chunk_update.chunked_with_starts(x, target, w1, w2, lr, chunk_size, activation)
-    return (o, w1f, w2f, s1, s2) if save_starts else (o, w1f, w2f, x.new_empty(0, dtype=w1.dtype), x.new_empty(0, dtype=w1.dtype))
+def _reference_forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals):
+    outs = reference.cms_chunk_update.chunked_with_residuals(x, target, w1, w2, lr, chunk_size, activation)
+    return outs if save_residuals else (*outs[:3], *(w1.new_empty(0) for _ in range(3)))
 
 
-def _reference_backward(x, target, w1_starts, w2_starts, lr, chunk_size, activation, do, dw1, dw2):
-    return reference.cms_chunk_update.chunked_backward(x, target, w1_starts, w2_starts, lr, chunk_size, activation, do, dw1, dw2)
+def _reference_backward(*args):
+    return reference.cms_chunk_update.chunked_backward(*args)
 
 
 def _cpp_forward(*args):
@@ -93,9 +95,9 @@ def _backend(x: Tensor) -> _Backend:
 
 @torch.library.custom_op("nested_learning::cms_chunk_update", mutates_args=())
 def _cms_chunk_update(
-    x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str, save_starts: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = _backend(x).forward(x, target, w1, w2, lr, chunk_size, activation, save_starts)
+    x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str, save_residuals: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = _backend(x).forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals)
     return tuple(t.contiguous() for t in outs)  # type: ignore[return-value]
 
 
@@ -104,15 +106,15 @@ def _n_chunks(T: int, chunk_size: int) -> int:
 
 
 @_cms_chunk_update.register_fake
-def _(x, target, w1, w2, lr, chunk_size, activation, save_starts):
+def _(x, target, w1, w2, lr, chunk_size, activation, save_residuals):
     B, T, _ = x.shape
-    N = _n_chunks(T, chunk_size)
-    starts = (
-        (w1.new_empty(B, N, *w1.shape[1:]), w2.new_empty(B, N, *w2.shape[1:]))
-        if save_starts
-        else (w1.new_empty(0), w2.new_empty(0))
+    N, h, e = _n_chunks(T, chunk_size), w1.shape[1], w2.shape[1]
+    residuals = (
+        (w1.new_empty(B, N, h, x.shape[-1]), w2.new_empty(B, N, e, h), w1.new_empty(B, T, 2 * h + e))
+        if save_residuals
+        else (w1.new_empty(0), w1.new_empty(0), w1.new_empty(0))
     )
-    return x.new_empty(*x.shape[:2], target.shape[-1]), torch.empty_like(w1), torch.empty_like(w2), *starts
+    return x.new_empty(B, T, e), torch.empty_like(w1), torch.empty_like(w2), *residuals
 
 
 @torch.library.custom_op("nested_learning::cms_chunk_update_bwd", mutates_args=())
@@ -121,6 +123,7 @@ def _cms_chunk_update_bwd(
     target: Tensor,
     w1_starts: Tensor,
     w2_starts: Tensor,
+    activations: Tensor,
     lr: float,
     chunk_size: int,
     activation: str,
@@ -129,35 +132,35 @@ def _cms_chunk_update_bwd(
     dw2_final: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _backend(x).backward(
-        x, target, w1_starts, w2_starts, lr, chunk_size, activation, do.contiguous(), dw1_final.contiguous(),
-        dw2_final.contiguous(),
+        x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do.contiguous(),
+        dw1_final.contiguous(), dw2_final.contiguous(),
     )
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 
 
 @_cms_chunk_update_bwd.register_fake
-def _(x, target, w1_starts, w2_starts, lr, chunk_size, activation, do, dw1_final, dw2_final):
+def _(x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do, dw1_final, dw2_final):
     return torch.empty_like(x), torch.empty_like(target), torch.empty_like(dw1_final), torch.empty_like(dw2_final)
 
 
 def _setup_context(ctx, inputs, output):
-    x, target, w1, w2, lr, chunk_size, activation, save_starts = inputs
-    ctx.save_for_backward(x, target, output[3], output[4])
+    x, target, w1, w2, lr, chunk_size, activation, save_residuals = inputs
+    ctx.save_for_backward(x, target, *output[3:])
     ctx.lr, ctx.chunk_size, ctx.activation = lr, chunk_size, activation
-    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.mark_non_differentiable(*output[3:])
 
 
-def _backward(ctx, do, dw1_final, dw2_final, _ds1, _ds2):
-    x, target, w1_starts, w2_starts = ctx.saved_tensors
+def _backward(ctx, do, dw1_final, dw2_final, *_residuals):
+    x, target, w1_starts, w2_starts, activations = ctx.saved_tensors
     if w1_starts.numel() == 0:
-        raise RuntimeError("cms_chunk_update: backward through a call that ran without save_starts")
+        raise RuntimeError("cms_chunk_update: backward through a call that ran without save_residuals")
     B, _, h, d = w1_starts.shape
     e = w2_starts.shape[2]
     do = torch.zeros(*x.shape[:2], e, dtype=x.dtype, device=x.device) if do is None else do
     dw1_final = w1_starts.new_zeros(B, h, d) if dw1_final is None else dw1_final
     dw2_final = w2_starts.new_zeros(B, e, h) if dw2_final is None else dw2_final
     dx, dt, dw1, dw2 = _cms_chunk_update_bwd(
-        x, target, w1_starts, w2_starts, ctx.lr, ctx.chunk_size, ctx.activation, do, dw1_final, dw2_final
+        x, target, w1_starts, w2_starts, activations, ctx.lr, ctx.chunk_size, ctx.activation, do, dw1_final, dw2_final
     )
     return dx, dt, dw1, dw2, None, None, None, None
 
@@ -229,7 +232,7 @@ def cms_chunk_update(
 
     ct = compute_dtype(x)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, target, w1, w2))
-    o, w1f, w2f, _, _ = _cms_chunk_update(
+    o, w1f, w2f, *_ = _cms_chunk_update(
         x.contiguous(), target.contiguous(), w1.to(ct).contiguous(), w2.to(ct).contiguous(), lr, chunk_size,
         activation, save,
     )

@@ -16,7 +16,8 @@ float64 parameters; k = inner steps taken before this one):
             θ ← θ − (η / (1 − β1^{k+1})) · m / (√v / √(1 − β2^{k+1}) + ε)
 
 Every product and sum is its own fp32 rounding (no fused multiply-add), so a kernel doing
-the same operations in the same order matches this loop bit for bit; scalars are rounded to
+the same operations in the same order matches this loop bit for bit (for Adam also the same
+square root: ``torch.sqrt`` on x86 CPUs is MKL's, which is not always correctly rounded); scalars are rounded to
 fp32 once (1/n for the mean, 1/√(1−β2^{k+1}), η/(1−β1^{k+1}) and 1 − ηλ are formed in float64
 first).
 """

@@ -12,9 +12,10 @@ chunk-start weights W^(c):
 The last chunk may be partial; its update is applied too, so the final weights have seen
 every token (outputs of a chunk never see its own update). ``recurrent`` is the literal
 token loop, ``chunked`` the best pure-PyTorch form (five batched GEMMs per chunk),
-``chunked_backward`` the analytic gradient of ``chunked``: given the chunk-start weights that
-the forward kept (``chunked_with_starts``; weights per chunk, never per token), one reverse
-sweep over chunks recomputes each chunk's activations and propagates the weight adjoint.
+``chunked_backward`` the analytic gradient of ``chunked``: given what the forward kept
+(``chunked_with_residuals``: the weights at each chunk start, never per token, and the
+per-token activations z, W2ᵀe, e), one reverse sweep over chunks propagates the weight adjoint
+with ten GEMMs per chunk and no forward recompute.
 
 All math runs in float32 (float64 for float64 inputs); outputs come back in x's dtype, the
 final weights in the compute dtype.
@@ -28,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "activation", "recurrent", "chunked", "chunked_with_starts", "chunked_backward", "compute_dtype"]
+__all__ = ["ACTIVATIONS", "activation", "recurrent", "chunked", "chunked_with_residuals", "chunked_backward", "compute_dtype"]
 
 ACTIVATIONS = ("gelu", "silu", "relu")
 
@@ -139,30 +140,34 @@ def _chunk_forward(act: Activation, X: Tensor, V: Tensor, W1: Tensor, W2: Tensor
     return _Chunk(z, a, o, e, p, g1, g2)
 
 
-def chunked_with_starts(
+def chunked_with_residuals(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation_name: str = "gelu"
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`chunked` that also returns the chunk-start weights ``w1_starts [B, N, h, d]`` and
-    ``w2_starts [B, N, e, h]`` (N = ⌈T / chunk_size⌉; index 0 holds w1, w2), which the backward reads."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`chunked` that also returns what the backward reads: the chunk-start weights
+    ``w1_starts [B, N, h, d]`` and ``w2_starts [B, N, e, h]`` (N = ⌈T / chunk_size⌉; index 0
+    holds w1, w2) and the per-token activations ``[B, T, 2h + e]`` = (z | p | e), with
+    z = W1 x, p = W2ᵀ e and e = o − v, all in the compute dtype."""
     act = activation(activation_name)
     ct = compute_dtype(x)
     X, V = x.to(ct), target.to(ct)
     W1, W2 = w1.to(ct), w2.to(ct)
-    outputs, starts1, starts2 = [], [], []
+    outputs, starts1, starts2, acts = [], [], [], []
     for span in _spans(x.shape[1], chunk_size):
         starts1.append(W1)
         starts2.append(W2)
         c = _chunk_forward(act, X[:, span], V[:, span], W1, W2)
         outputs.append(c.o)
+        acts.append(torch.cat([c.z, c.p, c.e], -1))
         W1, W2 = W1 - lr * c.g1, W2 - lr * c.g2
-    return torch.cat(outputs, 1).to(x.dtype), W1, W2, torch.stack(starts1, 1), torch.stack(starts2, 1)
+    starts = torch.stack(starts1, 1), torch.stack(starts2, 1)
+    return torch.cat(outputs, 1).to(x.dtype), W1, W2, *starts, torch.cat(acts, 1)
 
 
 def chunked(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation_name: str = "gelu"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`recurrent`, five batched GEMMs per chunk (autograd-differentiable)."""
-    return chunked_with_starts(x, target, w1, w2, lr, chunk_size, activation_name)[:3]
+    return chunked_with_residuals(x, target, w1, w2, lr, chunk_size, activation_name)[:3]
 
 
 def chunked_backward(
@@ -170,6 +175,7 @@ def chunked_backward(
     target: Tensor,
     w1_starts: Tensor,
     w2_starts: Tensor,
+    activations: Tensor,
     lr: float,
     chunk_size: int,
     activation_name: str,
@@ -179,7 +185,8 @@ def chunked_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dtarget, dw1, dw2)`` of :func:`chunked` for cotangents ``do`` of the
     outputs and ``dw1_final``/``dw2_final`` of the final weights, given the chunk-start weights
-    of :func:`chunked_with_starts` (dx, dtarget in x's and target's dtypes, dw in the compute dtype).
+    and activations of :func:`chunked_with_residuals` (dx, dtarget in x's and target's dtypes,
+    dw in the compute dtype). No forward GEMM is redone: a = σ(z) is elementwise.
 
     Reverse sweep per chunk, with dW^(c+1) the adjoint of the next chunk-start weights,
     dG = −lr dW^(c+1) and q = p ⊙ σ'(z) = δ:
@@ -192,24 +199,25 @@ def chunked_backward(
     """
     act = activation(activation_name)
     ct = compute_dtype(x)
-    X, V = x.to(ct), target.to(ct)
+    X = x.to(ct)
+    h = w1_starts.shape[2]
+    Z, P, E = activations.split([h, h, activations.shape[-1] - 2 * h], -1)
     spans = _spans(x.shape[1], chunk_size)
-    starts = [(w1_starts[:, i].to(ct), w2_starts[:, i].to(ct)) for i in range(len(spans))]
     dO = do.to(ct)
     dW1, dW2 = dw1_final.to(ct), dw2_final.to(ct)
-    dX, dV = torch.empty_like(X), torch.empty_like(V)
-    for span, (W1, W2) in zip(reversed(spans), reversed(starts)):
-        Xc = X[:, span]
-        c = _chunk_forward(act, Xc, V[:, span], W1, W2)
+    dX, dV = torch.empty_like(X), torch.empty(target.shape, dtype=ct, device=x.device)
+    for i in reversed(range(len(spans))):
+        span, W1, W2 = spans[i], w1_starts[:, i], w2_starts[:, i]
+        Xc, z, p, e = X[:, span], Z[:, span], P[:, span], E[:, span]
+        a, s1 = act.f(z), act.d1(z)
         dG1, dG2 = -lr * dW1, -lr * dW2
-        s1 = act.d1(c.z)
         dq = Xc @ dG1.transpose(1, 2)
         dp = dq * s1
-        de = c.a @ dG2.transpose(1, 2) + dp @ W2.transpose(1, 2)
+        de = a @ dG2.transpose(1, 2) + dp @ W2.transpose(1, 2)
         dobar = dO[:, span] + de
-        dz = (c.e @ dG2 + dobar @ W2) * s1 + dq * c.p * act.d2(c.z)
-        dX[:, span] = (c.p * s1) @ dG1 + dz @ W1
+        dz = (e @ dG2 + dobar @ W2) * s1 + dq * p * act.d2(z)
+        dX[:, span] = (p * s1) @ dG1 + dz @ W1
         dV[:, span] = -de
         dW1 = dW1 + dz.transpose(1, 2) @ Xc
-        dW2 = dW2 + c.e.transpose(1, 2) @ dp + dobar.transpose(1, 2) @ c.a
+        dW2 = dW2 + e.transpose(1, 2) @ dp + dobar.transpose(1, 2) @ a
     return dX.to(x.dtype), dV.to(target.dtype), dW1, dW2
