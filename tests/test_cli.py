@@ -66,3 +66,22 @@ def _has_matplotlib() -> bool:
 def test_bad_arguments_exit_with_a_message():
     with pytest.raises(SystemExit, match="--op must be one of"):
         cli.main(["check", "--op", "nope"])
+
+
+def test_bench_of_an_in_place_op_reports_floor_and_speedups(tmp_path, monkeypatch):
+    from nested_learning.benchmark.cms_accumulate import _case as acc_case
+
+    spec = SPECS["cms_accumulate"]
+    monkeypatch.setattr(spec, "bench_cases", lambda device, quick: [acc_case(torch.float32, 2, 16, 24, "adamw", "first")])
+    every = spec.baselines
+    monkeypatch.setattr(spec, "baselines", lambda case, device: {"foreach": every(case, device)["foreach"]})
+    out_json = tmp_path / "acc.json"
+    assert cli.main(["bench", "--op", "cms_accumulate", "--quick", "--device", "cpu", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"step"}
+    kinds = {r["implementation"]: r["kind"] for r in rows}
+    assert kinds["foreach_add_ floor"] == "floor" and kinds["foreach"] == "baseline" and kinds["reference"] == "backend"
+    for r in rows:
+        assert r["median_ms"] > 0 and (r["passed"] or r["kind"] == "floor")
+    foreach = next(r for r in rows if r["implementation"] == "foreach")
+    assert foreach["speedups"]["foreach"] == pytest.approx(1.0) and "reference" in foreach["speedups"]
