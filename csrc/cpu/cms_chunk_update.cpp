@@ -1,0 +1,503 @@
+// In-context CMS level (cms_chunk_update): CPU forward and backward kernels.
+//
+// Per sequence, fast weights W1 ∈ R^{h×d}, W2 ∈ R^{e×h}; the tokens of chunk c (rows of X, V) use
+// the chunk-start weights W^(c):
+//     Z = X W1ᵀ,  A = σ(Z),  O = A W2ᵀ,  E = O − V,  P = E W2,  Q = P ⊙ σ'(Z)
+//     W1^(c+1) = W1^(c) − lr Qᵀ X,        W2^(c+1) = W2^(c) − lr Eᵀ A
+// When gradients are needed the forward keeps every chunk's start weights and the per-token
+// activations (Z | P | E), written in place as it computes them.
+//
+// Backward (reverse over chunks; dW1, dW2 the adjoints of the next chunk-start weights; Z, P, E
+// read back, σ, σ', σ'' elementwise from Z: no forward GEMM is redone):
+//     dq = −lr X dW1ᵀ;  dp = dq ⊙ σ'(Z)
+//     de = dp W2ᵀ − lr A dW2ᵀ;  dŌ = dO + de;  dV = −de
+//     da = dŌ W2 − lr E dW2;  dz = da ⊙ σ'(Z) + dq ⊙ P ⊙ σ''(Z);  δ = P ⊙ σ'(Z)
+//     dX = dz W1 − lr δ dW1
+//     dW1 += dzᵀ X;  dW2 += Eᵀ dp + dŌᵀ A
+// Ten GEMM products per chunk, five in the forward.
+//
+// Every product is a batched GEMM (ATen's bmm/baddbmm: the BLAS torch was built with); the
+// elementwise work between two GEMMs is one vectorised pass over the chunk's rows. When the B
+// sequences split evenly over the intra-op threads, each thread runs its own sequences with
+// single-threaded GEMMs, with no synchronisation inside the chunk loop; otherwise every GEMM and
+// pass is shared by all threads. Chunk buffers are allocated once per call and viewed compactly
+// as [B, L, ·] per chunk (L its length).
+//
+// Tokens of any input dtype are converted to the compute dtype (float64 for float64 x, else
+// float32) once, before the chunk loop.
+
+// at::vec::Vectorized's AVX2 implementations (Sleef exp/erf) when compiled for AVX2 + FMA.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <string_view>
+#include <tuple>
+
+#if defined(__GNUC__) && !defined(__clang__)
+// Vectorized<double> passed by value: GCC notes an ABI difference under AVX-512; all such
+// functions here are internal and inlined.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+enum class Act { kGelu, kSilu, kRelu };
+
+Act parse_activation(std::string_view name) {
+  if (name == "gelu") return Act::kGelu;
+  if (name == "silu") return Act::kSilu;
+  if (name == "relu") return Act::kRelu;
+  TORCH_CHECK(false, "cms_chunk_update_cpp: activation must be 'gelu', 'silu' or 'relu', got '", name, "'");
+}
+
+// σ(z), σ'(z) and (when kSecond) σ''(z):
+//   gelu (exact): σ = zΦ,  σ' = Φ + zφ,  σ'' = φ(2 − z²)      (Φ, φ: the normal cdf and pdf)
+//   silu: s = 1/(1+e^{−z}),  σ = zs,  σ' = s(1 + z(1−s)),  σ'' = s(1−s)(2 + z(1−2s))
+//   relu: σ = max(z, 0),  σ' = [z > 0],  σ'' = 0
+template <Act A, bool kSecond, typename T>
+inline void activate(const Vec<T>& z, Vec<T>& f, Vec<T>& d1, Vec<T>& d2) {
+  const Vec<T> one(T(1));
+  if constexpr (A == Act::kGelu) {
+    const Vec<T> cdf = Vec<T>(T(0.5)) * (one + (z * Vec<T>(T(0.70710678118654752440))).erf());
+    const Vec<T> pdf = (z * z * Vec<T>(T(-0.5))).exp() * Vec<T>(T(0.39894228040143267794));
+    f = z * cdf;
+    d1 = at::vec::fmadd(z, pdf, cdf);
+    if constexpr (kSecond) d2 = pdf * (Vec<T>(T(2)) - z * z);
+  } else if constexpr (A == Act::kSilu) {
+    const Vec<T> s = one / (one + z.neg().exp());
+    const Vec<T> u = one - s;
+    f = z * s;
+    d1 = s * at::vec::fmadd(z, u, one);
+    if constexpr (kSecond) d2 = s * u * at::vec::fmadd(z, u - s, Vec<T>(T(2)));
+  } else {
+    const Vec<T> zero(T(0));
+    f = at::vec::maximum(z, zero);
+    d1 = z.gt(zero);
+    if constexpr (kSecond) d2 = zero;
+  }
+}
+
+template <typename T>
+inline Vec<T> load(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void store(const Vec<T>& x, T* p, int64_t n) {
+  if (n == Vec<T>::size()) {
+    x.store(p);
+  } else {
+    x.store(p, static_cast<int>(n));
+  }
+}
+
+// f(r) for each of `rows` rows of `width` elements, split across the intra-op threads.
+template <typename F>
+void for_rows(int64_t rows, int64_t width, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / width);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
+}
+
+// f(j, n) over the vectors of a row of `width` elements: n lanes from column j. The row's pointers
+// are best captured by value, so that they stay in registers across the (aliasing) vector stores.
+template <typename T, typename F>
+inline void for_lanes(int64_t width, const F& f) {
+  constexpr int64_t kLanes = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + kLanes <= width; j += kLanes) f(j, kLanes);
+  if (j < width) f(j, width - j);
+}
+
+struct Sizes {
+  int64_t B, T, d, e, h, C, N;
+};
+
+// One chunk: tokens [t0, t0 + L) of every sequence. Row r of a chunk buffer is token
+// t0 + r % L of sequence r / L; token(r) is its row index in a [B, T, ·] tensor.
+struct Chunk {
+  int64_t t0, L, T;
+  int64_t token(int64_t r) const { return (r / L) * T + t0 + r % L; }
+};
+
+// A compact [B, L, width] view of a chunk buffer, starting `offset` elements in, rows `stride` apart.
+Tensor rows(const Tensor& buffer, int64_t B, int64_t L, int64_t width, int64_t stride = -1, int64_t offset = 0) {
+  if (stride < 0) stride = width;
+  return buffer.as_strided({B, L, width}, {L * stride, stride, 1}, offset);
+}
+
+Tensor tr(const Tensor& x) { return x.transpose(1, 2); }
+
+// at::empty, asking Linux to back the allocation with transparent huge pages where it grants them
+// on request: a fresh output (the chunk-start weights reach 64 MiB, the activations 36 MiB) is then
+// first touched 2 MiB rather than 4 KiB per page fault, which otherwise costs as much as a third
+// of the forward.
+Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint only
+#endif
+  return t;
+}
+
+// dst[b] ← src[b] + α G[b] for b < B, over contiguous matrices of `size` elements (G compact; src,
+// dst `*_stride` apart, dst may be src). The weight update, rounded once per element as in the
+// reference: a BLAS given beta = 1 may add the product into C term by term (MKL does for narrow
+// matrices), which loses the small update against the larger weights.
+template <typename T>
+void add_scaled(int64_t B, int64_t size, const T* src, int64_t src_stride, const T* g, T alpha, T* dst,
+                int64_t dst_stride) {
+  constexpr int64_t kBlock = int64_t{1} << 14;
+  const int64_t blocks = (size + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / blocks, i = (k % blocks) * kBlock;
+      const T *x = src + b * src_stride + i, *y = g + b * size + i;
+      T* out = dst + b * dst_stride + i;
+      const Vec<T> a(alpha);
+      for_lanes<T>(std::min(kBlock, size - i), [=](int64_t j, int64_t n) {
+        store(at::vec::fmadd(load(y + j, n), a, load(x + j, n)), out + j, n);
+      });
+    }
+  });
+}
+
+template <typename T>
+void add_scaled(const Tensor& src, const Tensor& g, T alpha, const Tensor& dst) {
+  add_scaled<T>(src.size(0), src.size(1) * src.size(2), src.data_ptr<T>(), src.stride(0), g.data_ptr<T>(), alpha,
+                dst.data_ptr<T>(), dst.stride(0));
+}
+
+// The per-token activations (z | p | e) of one chunk: rows of width 2h + e of `acts` (the saved
+// [B, T, 2h + e] output, or a [B, C, 2h + e] workspace), token t0 + r % L of sequence r / L at row r.
+template <typename T>
+struct Activations {
+  Tensor span;  // [B, L, 2h + e]
+  int64_t h, e, L;
+  T* base;
+  int64_t batch_stride, row_stride;
+  Activations(const Tensor& acts, int64_t t0, int64_t L_, int64_t h_, int64_t e_)
+      : span(acts.narrow(1, t0, L_)), h(h_), e(e_), L(L_), base(span.data_ptr<T>()),
+        batch_stride(span.stride(0)), row_stride(span.stride(1)) {}
+  Tensor z() const { return span.narrow(2, 0, h); }
+  Tensor p() const { return span.narrow(2, h, h); }
+  Tensor err() const { return span.narrow(2, 2 * h, e); }
+  T* row(int64_t r) const { return base + (r / L) * batch_stride + (r % L) * row_stride; }
+};
+
+// ------------------------------------------------------------------------------ forward
+
+// W1, W2 hold the start weights and end as the final ones; starts1/2 (when defined) receive every
+// chunk's start weights, and then serve as the chunk's weights. acts is the [B, T, 2h + e] output
+// when saving (Z, P, E are computed into it), else a [B, min(C, T), 2h + e] workspace.
+template <typename T, Act A>
+void forward_impl(const Sizes& s, const Tensor& X, const Tensor& V, double lr, const Tensor& W1, const Tensor& W2,
+                  const Tensor& out, const Tensor& starts1, const Tensor& starts2, const Tensor& acts) {
+  const auto opts = X.options();
+  const int64_t BC = s.B * s.C;
+  const Tensor abuf = at::empty({BC * s.h}, opts);  // A
+  const Tensor sbuf = at::empty({BC * s.h}, opts);  // σ'(Z), then Q
+  Tensor G1 = at::empty({s.B, s.h, s.d}, opts), G2 = at::empty({s.B, s.e, s.h}, opts);  // Qᵀ X, Eᵀ A
+  const bool save = starts1.defined();
+  if (save) {
+    starts1.select(1, 0).copy_(W1);
+    starts2.select(1, 0).copy_(W2);
+  }
+  const T* v = V.data_ptr<T>();
+  T *o = out.data_ptr<T>(), *a = abuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>();
+  for (int64_t c = 0; c < s.N; ++c) {
+    const Chunk k{c * s.C, std::min(s.C, s.T - c * s.C), s.T};
+    const Tensor W1c = save ? starts1.select(1, c) : W1, W2c = save ? starts2.select(1, c) : W2;
+    const Tensor Xc = X.narrow(1, k.t0, k.L);
+    const Activations<T> act(acts, save ? k.t0 : 0, k.L, s.h, s.e);
+    Tensor Z = act.z(), P = act.p(), E = act.err();
+    Tensor Am = rows(abuf, s.B, k.L, s.h), Q = rows(sbuf, s.B, k.L, s.h);
+
+    at::bmm_out(Z, Xc, tr(W1c));
+    for_rows(s.B * k.L, s.h, [&](int64_t r) {  // A = σ(Z); S = σ'(Z)
+      const T* zr = act.row(r);
+      T *ar = a + r * s.h, *sr = sg + r * s.h;
+      for_lanes<T>(s.h, [=](int64_t j, int64_t n) {
+        Vec<T> f, d1, d2;
+        activate<A, false, T>(load(zr + j, n), f, d1, d2);
+        store(f, ar + j, n);
+        store(d1, sr + j, n);
+      });
+    });
+    at::bmm_out(E, Am, tr(W2c));
+    for_rows(s.B * k.L, s.e, [&](int64_t r) {  // out = O; E = O − V
+      T *er = act.row(r) + 2 * s.h, *orow = o + k.token(r) * s.e;
+      const T* vr = v + k.token(r) * s.e;
+      for_lanes<T>(s.e, [=](int64_t j, int64_t n) {
+        const Vec<T> y = load(er + j, n);
+        store(y, orow + j, n);
+        store(y - load(vr + j, n), er + j, n);
+      });
+    });
+    at::bmm_out(P, E, W2c);
+    for_rows(s.B * k.L, s.h, [&](int64_t r) {  // Q = P ⊙ S
+      const T* pr = act.row(r) + s.h;
+      T* sr = sg + r * s.h;
+      for_lanes<T>(s.h, [=](int64_t j, int64_t n) { store(load(pr + j, n) * load(sr + j, n), sr + j, n); });
+    });
+    at::bmm_out(G1, tr(Q), Xc);
+    at::bmm_out(G2, tr(E), Am);
+    const bool last = !save || c + 1 == s.N;
+    add_scaled<T>(W1c, G1, static_cast<T>(-lr), last ? W1 : starts1.select(1, c + 1));
+    add_scaled<T>(W2c, G2, static_cast<T>(-lr), last ? W2 : starts2.select(1, c + 1));
+  }
+}
+
+// ------------------------------------------------------------------------------ backward
+
+// dW1, dW2 hold the final weights' adjoints and end as the start weights'. Nothing of the forward
+// is recomputed: σ, σ', σ'' come elementwise from the saved Z.
+//
+// A pair of products into one output is a GEMM and an accumulating GEMM (terms of one size, so the
+// BLAS may add into its output directly). dW2's two products are one GEMM over 2L interleaved rows:
+// rows (E_t, dŌ_t) transposed times rows (dp_t, A_t).
+template <typename T, Act A>
+void backward_impl(const Sizes& s, const Tensor& X, const Tensor& S1, const Tensor& S2, const Tensor& acts,
+                   double lr, const Tensor& dO, const Tensor& dW1, const Tensor& dW2, const Tensor& dX,
+                   const Tensor& dV) {
+  const auto opts = X.options();
+  const int64_t BC = s.B * s.C;
+  const Tensor qbuf = at::empty({BC * s.h}, opts);      // X dW1ᵀ, then dq ⊙ P ⊙ σ''(Z)
+  const Tensor sbuf = at::empty({BC * s.h}, opts);      // σ'(Z), then δ
+  const Tensor rbuf = at::empty({2 * BC * s.h}, opts);  // rows dp_t, A_t
+  const Tensor ebuf = at::empty({BC * s.e}, opts);      // de
+  const Tensor ubuf = at::empty({2 * BC * s.e}, opts);  // rows E_t, dŌ_t
+  const Tensor abuf = at::empty({BC * s.h}, opts);      // da, then dz
+  const T nlr = static_cast<T>(-lr);
+  const T* dout = dO.data_ptr<T>();
+  T *dv = dV.data_ptr<T>(), *q = qbuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>(), *rr = rbuf.data_ptr<T>();
+  T *eb = ebuf.data_ptr<T>(), *u = ubuf.data_ptr<T>(), *ab = abuf.data_ptr<T>();
+  for (int64_t c = s.N - 1; c >= 0; --c) {
+    const Chunk k{c * s.C, std::min(s.C, s.T - c * s.C), s.T};
+    const int64_t B = s.B, L = k.L, h = s.h, e = s.e;
+    const Tensor W1 = S1.select(1, c), W2 = S2.select(1, c), Xc = X.narrow(1, k.t0, L);
+    const Activations<T> act(acts, k.t0, L, h, e);
+    Tensor Qd = rows(qbuf, B, L, h), dE = rows(ebuf, B, L, e), dA = rows(abuf, B, L, h);
+    Tensor dXc = dX.narrow(1, k.t0, L);
+    const Tensor R2 = rows(rbuf, B, 2 * L, h), U2 = rows(ubuf, B, 2 * L, e);
+    const Tensor dp = rows(rbuf, B, L, h, 2 * h), Am = rows(rbuf, B, L, h, 2 * h, h);
+    const Tensor E = rows(ubuf, B, L, e, 2 * e), dOb = rows(ubuf, B, L, e, 2 * e, e);
+    const Tensor dlt = rows(sbuf, B, L, h);
+
+    at::bmm_out(Qd, Xc, tr(dW1));
+    for_rows(B * L, h, [&](int64_t r) {
+      // dq = −lr X dW1ᵀ; rows (dp, A) = (dq ⊙ σ', σ); S = σ'; Qd ← dq ⊙ P ⊙ σ''
+      const T *zr = act.row(r), *pr = zr + h;
+      T *qr = q + r * h, *sr = sg + r * h, *dpr = rr + 2 * r * h, *ar = dpr + h;
+      for_lanes<T>(h, [=](int64_t j, int64_t n) {
+        Vec<T> f, d1, d2;
+        activate<A, true, T>(load(zr + j, n), f, d1, d2);
+        const Vec<T> dq = load(qr + j, n) * Vec<T>(nlr);
+        store(dq * d1, dpr + j, n);
+        store(f, ar + j, n);
+        store(d1, sr + j, n);
+        store(dq * load(pr + j, n) * d2, qr + j, n);
+      });
+    });
+    at::bmm_out(dE, dp, tr(W2));
+    dE.baddbmm_(Am, tr(dW2), 1, nlr);  // de = dp W2ᵀ − lr A dW2ᵀ
+    for_rows(B * L, e, [&](int64_t r) {
+      // rows (E, dŌ) = (E, dO + de); dV = −de
+      const T *er = act.row(r) + 2 * h, *der = eb + r * e, *dor = dout + k.token(r) * e;
+      T *ur = u + 2 * r * e, *dobr = ur + e, *dvr = dv + k.token(r) * e;
+      for_lanes<T>(e, [=](int64_t j, int64_t n) {
+        const Vec<T> de = load(der + j, n);
+        store(load(er + j, n), ur + j, n);
+        store(load(dor + j, n) + de, dobr + j, n);
+        store(de.neg(), dvr + j, n);
+      });
+    });
+    at::bmm_out(dA, dOb, W2);
+    dA.baddbmm_(E, dW2, 1, nlr);  // da = dŌ W2 − lr E dW2
+    for_rows(B * L, h, [&](int64_t r) {
+      // dz = da ⊙ σ' + dq ⊙ P ⊙ σ''; δ = P ⊙ σ'
+      const T *pr = act.row(r) + h, *qr = q + r * h;
+      T *dar = ab + r * h, *sr = sg + r * h;
+      for_lanes<T>(h, [=](int64_t j, int64_t n) {
+        const Vec<T> d1 = load(sr + j, n);
+        store(at::vec::fmadd(load(dar + j, n), d1, load(qr + j, n)), dar + j, n);
+        store(load(pr + j, n) * d1, sr + j, n);
+      });
+    });
+    at::bmm_out(dXc, dA, W1);
+    dXc.baddbmm_(dlt, dW1, 1, nlr);  // dX = dz W1 − lr δ dW1
+    dW1.baddbmm_(tr(dA), Xc);        // dW1 += dzᵀ X
+    dW2.baddbmm_(tr(U2), R2);        // dW2 += Eᵀ dp + dŌᵀ A
+  }
+}
+
+// ------------------------------------------------------------------------------ entry points
+
+at::ScalarType compute_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void expect(const Tensor& t, const char* name, at::IntArrayRef shape, const char* layout) {
+  TORCH_CHECK(t.device().is_cpu(), "cms_chunk_update_cpp: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == shape, "cms_chunk_update_cpp: ", name, " must be ", layout, " = ", shape, ", got ",
+              t.sizes());
+}
+
+void expect_dtype(const Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, "cms_chunk_update_cpp: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+Sizes make_sizes(const Tensor& x, const Tensor& target, int64_t h, int64_t chunk_size) {
+  TORCH_CHECK(x.dim() == 3, "cms_chunk_update_cpp: x must be [B, T, d], got ", x.sizes());
+  TORCH_CHECK(target.dim() == 3, "cms_chunk_update_cpp: target must be [B, T, e], got ", target.sizes());
+  TORCH_CHECK(chunk_size >= 1, "cms_chunk_update_cpp: chunk_size must be >= 1, got ", chunk_size);
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "cms_chunk_update_cpp: x must be float32, float64, bfloat16 or float16, got ", dt);
+  expect_dtype(target, "target", dt);
+  Sizes s{x.size(0), x.size(1), x.size(2), target.size(2), h, chunk_size, 0};
+  TORCH_CHECK(s.B >= 1 && s.T >= 1 && s.d >= 1 && s.e >= 1 && s.h >= 1,
+              "cms_chunk_update_cpp: every size must be >= 1, got x ", x.sizes(), ", target ", target.sizes(),
+              ", h = ", h);
+  expect(x, "x", {s.B, s.T, s.d}, "[B, T, d]");
+  expect(target, "target", {s.B, s.T, s.e}, "[B, T, e]");
+  s.N = (s.T + s.C - 1) / s.C;
+  return s;
+}
+
+// f(sizes of a group of sequences, its first sequence) over all B sequences. When they split evenly
+// over the intra-op threads, each thread runs its own group with single-threaded GEMMs and passes
+// (the BLAS runs sequentially inside a parallel region): no synchronisation inside the chunk loop.
+// Otherwise one group of B, whose GEMMs and passes use all the threads.
+template <typename F>
+void over_sequences(const Sizes& s, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && s.B % threads == 0 && !at::in_parallel_region()) {
+    at::parallel_for(0, s.B, s.B / threads, [&](int64_t b0, int64_t b1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as on the calling thread
+      Sizes g = s;
+      g.B = b1 - b0;
+      f(g, b0);
+    });
+  } else {
+    f(s, 0);
+  }
+}
+
+template <typename F>
+void dispatch(at::ScalarType ct, Act act, const F& f) {
+  auto with_type = [&](auto zero) {
+    using T = decltype(zero);
+    switch (act) {
+      case Act::kGelu: return f.template operator()<T, Act::kGelu>();
+      case Act::kSilu: return f.template operator()<T, Act::kSilu>();
+      case Act::kRelu: return f.template operator()<T, Act::kRelu>();
+    }
+  };
+  if (ct == at::kDouble) {
+    with_type(double{});
+  } else {
+    with_type(float{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cms_chunk_update_fwd_cpp(
+    const Tensor& x, const Tensor& target, const Tensor& w1, const Tensor& w2, double lr, int64_t chunk_size,
+    std::string_view activation, bool save_residuals) {
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(w1.dim() == 3, "cms_chunk_update_cpp: w1 must be [B, h, d], got ", w1.sizes());
+  const Sizes s = make_sizes(x, target, w1.size(1), chunk_size);
+  const at::ScalarType ct = compute_type(x);
+  expect(w1, "w1", {s.B, s.h, s.d}, "[B, h, d]");
+  expect(w2, "w2", {s.B, s.e, s.h}, "[B, e, h]");
+  expect_dtype(w1, "w1", ct);
+  expect_dtype(w2, "w2", ct);
+  const auto opts = x.options().dtype(ct);
+  const Tensor X = x.to(ct).contiguous(), V = target.to(ct).contiguous();
+  const Tensor W1 = w1.clone(at::MemoryFormat::Contiguous), W2 = w2.clone(at::MemoryFormat::Contiguous);
+  const Tensor out = at::empty({s.B, s.T, s.e}, opts);
+  const int64_t width = 2 * s.h + s.e;
+  const Tensor starts1 = save_residuals ? empty_large({s.B, s.N, s.h, s.d}, opts) : Tensor();
+  const Tensor starts2 = save_residuals ? empty_large({s.B, s.N, s.e, s.h}, opts) : Tensor();
+  const Tensor acts =
+      save_residuals ? empty_large({s.B, s.T, width}, opts) : at::empty({s.B, std::min(s.C, s.T), width}, opts);
+  dispatch(ct, act, [&]<typename T, Act A>() {
+    over_sequences(s, [&](const Sizes& g, int64_t b0) {
+      auto part = [&](const Tensor& t) { return t.defined() ? t.narrow(0, b0, g.B) : t; };
+      forward_impl<T, A>(g, part(X), part(V), lr, part(W1), part(W2), part(out), part(starts1), part(starts2),
+                         part(acts));
+    });
+  });
+  if (!save_residuals) {
+    return {out.to(x.scalar_type()), W1, W2, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  return {out.to(x.scalar_type()), W1, W2, starts1, starts2, acts};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cms_chunk_update_bwd_cpp(
+    const Tensor& x, const Tensor& target, const Tensor& w1_starts, const Tensor& w2_starts,
+    const Tensor& activations, double lr, int64_t chunk_size, std::string_view activation, const Tensor& do_,
+    const Tensor& dw1_final, const Tensor& dw2_final) {
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(w1_starts.dim() == 4, "cms_chunk_update_cpp: w1_starts must be [B, N, h, d], got ", w1_starts.sizes());
+  const Sizes s = make_sizes(x, target, w1_starts.size(2), chunk_size);
+  const at::ScalarType ct = compute_type(x);
+  expect(w1_starts, "w1_starts", {s.B, s.N, s.h, s.d}, "[B, N, h, d]");
+  expect(w2_starts, "w2_starts", {s.B, s.N, s.e, s.h}, "[B, N, e, h]");
+  expect(activations, "activations", {s.B, s.T, 2 * s.h + s.e}, "[B, T, 2h + e]");
+  expect(do_, "do", {s.B, s.T, s.e}, "[B, T, e]");
+  expect(dw1_final, "dw1_final", {s.B, s.h, s.d}, "[B, h, d]");
+  expect(dw2_final, "dw2_final", {s.B, s.e, s.h}, "[B, e, h]");
+  const auto opts = x.options().dtype(ct);
+  const Tensor X = x.to(ct).contiguous(), dO = do_.to(ct).contiguous();
+  const Tensor S1 = w1_starts.to(ct).contiguous(), S2 = w2_starts.to(ct).contiguous();
+  const Tensor acts = activations.to(ct).contiguous();
+  const Tensor dW1 = dw1_final.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const Tensor dW2 = dw2_final.to(opts, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const Tensor dX = at::empty({s.B, s.T, s.d}, opts);
+  const Tensor dV = at::empty({s.B, s.T, s.e}, opts);
+  dispatch(ct, act, [&]<typename T, Act A>() {
+    over_sequences(s, [&](const Sizes& g, int64_t b0) {
+      auto part = [&](const Tensor& t) { return t.narrow(0, b0, g.B); };
+      backward_impl<T, A>(g, part(X), part(S1), part(S2), part(acts), lr, part(dO), part(dW1), part(dW2),
+                          part(dX), part(dV));
+    });
+  });
+  return {dX.to(x.scalar_type()), dV.to(target.scalar_type()), dW1, dW2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nested_learning, m) {
+  m.def(
+      "cms_chunk_update_fwd_cpp(Tensor x, Tensor target, Tensor w1, Tensor w2, float lr, int chunk_size, "
+      "str activation, bool save_residuals) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cms_chunk_update_bwd_cpp(Tensor x, Tensor target, Tensor w1_starts, Tensor w2_starts, "
+      "Tensor activations, float lr, int chunk_size, str activation, Tensor do, Tensor dw1_final, "
+      "Tensor dw2_final) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nested_learning, CPU, m) {
+  m.impl("cms_chunk_update_fwd_cpp", &cms_chunk_update_fwd_cpp);
+  m.impl("cms_chunk_update_bwd_cpp", &cms_chunk_update_bwd_cpp);
+}
