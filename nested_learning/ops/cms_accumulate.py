@@ -53,37 +53,28 @@ def _triton(params, grads, accumulators, exp_avgs, exp_avg_sqs, counts, steps, d
 BACKEND_FUNCTIONS: dict[str, Kernel] = {"reference": _reference, "cpp": _cpp, "triton": _triton}
 
 
-@torch.library.custom_op(
-    "nested_learning::cms_accumulate", mutates_args=("params", "accumulators", "exp_avgs", "exp_avg_sqs")
+# The op is defined with the low-level torch.library API rather than ``custom_op``: for a
+# mutating multi-tensor op the latter's per-call Python layers (default filling, autograd and
+# in-place redispatch) cost ~0.2 ms, against ~0.02 ms here — a tenth of a 10M-parameter step.
+_LIB = torch.library.Library("nested_learning", "FRAGMENT")
+_LIB.define(
+    "cms_accumulate(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] accumulators, Tensor(c!)[] exp_avgs, "
+    "Tensor(d!)[] exp_avg_sqs, int[] counts, int[] steps, bool[] due, str optimizer, float lr, float momentum, "
+    "float dampening, bool nesterov, float beta1, float beta2, float eps, float weight_decay, bool average) -> ()"
 )
-def _cms_accumulate(
-    params: list[Tensor],
-    grads: list[Tensor],
-    accumulators: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    counts: list[int],
-    steps: list[int],
-    due: list[bool],
-    optimizer: str,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    average: bool,
-) -> None:
-    hyper = Hyper(optimizer, lr, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, average)
+
+
+def _cms_accumulate_impl(params, grads, accumulators, exp_avgs, exp_avg_sqs, counts, steps, due, *hyper) -> None:
     BACKEND_FUNCTIONS[_library.select(params[0].device)](
-        params, grads, accumulators, exp_avgs, exp_avg_sqs, counts, steps, due, hyper
+        params, grads, accumulators, exp_avgs, exp_avg_sqs, counts, steps, due, Hyper(*hyper)
     )
 
 
-@_cms_accumulate.register_fake
-def _(params, grads, accumulators, exp_avgs, exp_avg_sqs, counts, steps, due, *hyper) -> None:
+_LIB.impl("cms_accumulate", _cms_accumulate_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("nested_learning::cms_accumulate", lib=_LIB)
+def _(*args) -> None:
     return None
 
 
@@ -211,7 +202,7 @@ def cms_accumulate(
         groups[(p.device, p.dtype)].append(i)
     for idx in groups.values():
         pick = lambda xs: [xs[i] for i in idx] if len(xs) else []  # noqa: E731
-        _cms_accumulate(
+        torch.ops.nested_learning.cms_accumulate(
             pick(params), pick(grads), pick(accumulators), pick(exp_avgs), pick(exp_avg_sqs), pick(counts),
             pick(steps), pick(due), hyper.optimizer, hyper.lr, hyper.momentum, hyper.dampening, hyper.nesterov,
             hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.average,

@@ -195,3 +195,19 @@ def test_hyper_defaults_match_the_op_defaults():
     defaults = {k: v.default for k, v in inspect.signature(ops.cms_accumulate).parameters.items()
                 if v.default is not inspect.Parameter.empty}
     assert defaults == {k: getattr(Hyper(), k) for k in defaults}
+
+
+def test_compile_fullgraph_matches_eager():
+    def step(p, g, a, m):
+        ops.cms_accumulate(p, g, a, m, [], [1, 0, 4], [2, 0, 1], [True, False, True], optimizer="sgd", lr=0.1,
+                           momentum=0.9, average=True)
+
+    gen = torch.Generator().manual_seed(0)
+    p = [torch.randn(s, generator=gen) for s in ((5, 3), (4,), (7,))]
+    g = [torch.randn(t.shape, generator=gen) for t in p]
+    eager = ([t.clone() for t in p], [torch.ones_like(t) for t in p], [torch.full_like(t, 0.5) for t in p])
+    compiled = tuple([t.clone() for t in xs] for xs in eager)
+    step(eager[0], g, *eager[1:])
+    torch.compile(step, fullgraph=True)(compiled[0], g, *compiled[1:])
+    for a, b in zip(sum(eager, []), sum(compiled, [])):
+        assert torch.equal(a, b)
