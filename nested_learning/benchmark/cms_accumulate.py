@@ -173,7 +173,8 @@ def bench_cases(device: torch.device, quick: bool) -> list[Case]:
     main = _case(torch.float32, L, d, h, "sgd", "first")
     if quick:
         return [main]
-    return [_case(torch.float32, L, d, h, "sgd", "none"), main, _case(torch.float32, L, d, h, "adamw", "all")]
+    return [_case(torch.float32, L, d, h, "sgd", "none"), main, _case(torch.float32, L, d, h, "sgd", "all"),
+            _case(torch.float32, L, d, h, "adamw", "all")]
 
 
 def work(case: Case, mode: str) -> tuple[float, float]:
