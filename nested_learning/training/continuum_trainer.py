@@ -32,10 +32,15 @@ __all__ = ["ContinuumMemoryTrainer", "visualize_update_schedule", "update_schedu
 
 
 def _progress(iterable: Iterable, description: str) -> Iterable:
+    """A progress bar over ``iterable``: tqdm, else rich, else none."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return iterable
+        try:
+            from rich.progress import track
+        except ImportError:
+            return iterable
+        return track(iterable, description=description, transient=True)
     return tqdm(iterable, desc=description, leave=False)
 
 
