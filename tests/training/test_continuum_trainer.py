@@ -145,15 +145,18 @@ def test_optimizer_must_hold_the_level_parameters():
         ContinuumMemoryTrainer(model, torch.optim.SGD(model.out.parameters(), lr=0.1))
 
 
-def test_update_schedule_text_and_plot(tmp_path):
+def test_update_schedule_text():
     text = visualize_update_schedule([8, 32, 128], 40)
     assert text.splitlines()[:3] == ["Step 0: Updated levels: [0, 1, 2]", "Step 8: Updated levels: [0]",
                                      "Step 16: Updated levels: [0]"]
     assert "Step 32: Updated levels: [0, 1]" in text and "Step 1:" not in text
     assert update_schedule([2, 3], 7) == [[0, 1], [], [0], [1], [0], [], [0, 1]]
+    with pytest.raises(ValueError, match="chunk_sizes must be a non-empty list of positive integers"):
+        update_schedule([8, 0], 10)
+
+
+def test_update_schedule_plot_goes_where_asked(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "schedule.png"
     visualize_update_schedule([8, 32, 128], 300, path=str(path))
-    assert path.stat().st_size > 1000
-    with pytest.raises(ValueError, match="chunk_sizes must be a non-empty list of positive integers"):
-        update_schedule([8, 0], 10)
+    assert path.stat().st_size > 1000 and not (tmp_path / "results").exists()
