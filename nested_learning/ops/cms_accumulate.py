@@ -13,7 +13,6 @@ Triton kernel on CUDA, or the per-tensor PyTorch reference.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Callable, Sequence
 
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.cms_accumulate import OPTIMIZERS, Hyper, compute_dtype
-from . import _library
+from . import _checks, _library
 
 __all__ = ["cms_accumulate", "BACKEND_FUNCTIONS", "OPTIMIZERS", "Hyper"]
 
@@ -84,19 +83,18 @@ def _(*args) -> None:
 def _hyper(optimizer: str, **values: float | bool) -> Hyper:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    for name, value in values.items():
-        if name in ("nesterov", "average"):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    h = Hyper(optimizer, **{k: (v if isinstance(v, bool) else float(v)) for k, v in values.items()})
+    for name in ("nesterov", "average"):
+        if not isinstance(values[name], bool):
+            raise TypeError(f"{name} must be a bool, got {values[name]!r}")
+    h = Hyper(optimizer, **{k: v if isinstance(v, bool) else _checks.finite(k, v) for k, v in values.items()})
     for name in ("lr", "momentum", "weight_decay", "eps"):
         if getattr(h, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(h, name)}")
-    for name in ("beta1", "beta2", "dampening"):
-        if not 0.0 <= getattr(h, name) < 1.0 + (name == "dampening"):
-            raise ValueError(f"{name} must lie in [0, 1{']' if name == 'dampening' else ')'}, got {getattr(h, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(h, name) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {getattr(h, name)}")
+    if not 0.0 <= h.dampening <= 1.0:
+        raise ValueError(f"dampening must lie in [0, 1], got {h.dampening}")
     if h.nesterov and (optimizer != "sgd" or h.momentum <= 0 or h.dampening != 0):
         raise ValueError("nesterov needs optimizer='sgd', momentum > 0 and dampening = 0")
     return h

@@ -78,11 +78,11 @@ class ContinuumMemoryTrainer:
         self.average = average
         self.step_count = 0
         self.cms_modules = {n: m for n, m in model.named_modules() if isinstance(m, ContinuumMemorySystem)}
-        self._groups = {p: g for g in optimizer.param_groups for p in g["params"]}
+        held = {p for g in optimizer.param_groups for p in g["params"]}
         for name, cms in self.cms_modules.items():
             if cms.in_context:
                 continue
-            missing = [i for i in range(cms.num_levels) for p in cms.level_parameters(i) if p not in self._groups]
+            missing = [i for i in range(cms.num_levels) for p in cms.level_parameters(i) if p not in held]
             if missing:
                 raise ValueError(f"optimizer does not hold the parameters of {name or 'the CMS'} level(s) {sorted(set(missing))}")
 
@@ -106,11 +106,14 @@ class ContinuumMemoryTrainer:
         due_levels = cms.get_update_levels(step)
         fused: dict[tuple, list[tuple[int, nn.Parameter, Tensor]]] = defaultdict(list)
         fallback: list[tuple[int, nn.Parameter, Tensor]] = []
-        for level, due in enumerate(due_levels):
+        # the optimizer's current groups (load_state_dict and schedulers replace or edit them)
+        groups = self.optimizer.param_groups
+        hypers = {p: h for g in groups for h in [_fused_hyper(self.optimizer, g)] for p in g["params"]}
+        for level in range(cms.num_levels):
             for p, acc in zip(cms.level_parameters(level), cms.accumulators(level)):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                hyper = _fused_hyper(self.optimizer, self._groups[p])
+                hyper = hypers[p]
                 if hyper is None:
                     fallback.append((level, p, acc))
                 else:

@@ -160,3 +160,28 @@ def test_update_schedule_plot_goes_where_asked(tmp_path):
     path = tmp_path / "schedule.png"
     visualize_update_schedule([8, 32, 128], 300, path=str(path))
     assert path.stat().st_size > 1000 and not (tmp_path / "results").exists()
+
+
+def test_schedulers_and_loaded_state_reach_the_fused_levels():
+    model = Model(periods=[1, 2])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = ContinuumMemoryTrainer(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 if epoch >= 1 else 1.0)
+    data = batches(5)
+    trainer.train_step(*data[0], F.mse_loss)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    before = [p.detach().clone() for p in model.cms.level_parameters(0)]
+    probe = copy.deepcopy(model)
+    probe.zero_grad()
+    F.mse_loss(probe(data[1][0]), data[1][1]).backward()
+    trainer.train_step(*data[1], F.mse_loss)
+    for p0, p, g in zip(before, model.cms.level_parameters(0), probe.cms.level_parameters(0)):
+        torch.testing.assert_close(p, p0 - 0.05 * g.grad, rtol=1e-5, atol=1e-7)
+    state = optimizer.state_dict()
+    state["param_groups"][0]["lr"] = 0.0  # a checkpoint's hyper-parameters replace the group dicts
+    optimizer.load_state_dict(state)
+    frozen = [p.detach().clone() for p in model.parameters()]
+    for x, y in data[2:]:
+        trainer.train_step(x, y, F.mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
