@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import array
 import math
-import os
 
 import torch
 import triton
@@ -29,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.cms_accumulate import Hyper
+from ._common import round_to
 
 __all__ = ["BLOCK", "cms_accumulate"]
 
@@ -38,19 +38,6 @@ _RULES = {"sgd": 0, "adam": 1, "adamw": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLAGS = ("DUE", "RULE", "AVERAGE", "WEIGHT_DECAY", "MOMENTUM", "FIRST", "NESTEROV")
 _OFF_CYCLE = dict.fromkeys(_FLAGS, False)  # one compiled variant for every off-cycle tensor
-
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _round_to(x, DT: tl.constexpr):
-    """fp32 x rounded to DT to nearest even (the interpreter truncates to bf16, so it rounds the bits itself)."""
-    if _INTERPRET and DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        up = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        x = tl.where(x != x, x, up)  # NaN stays NaN
-    return x.to(DT)
-
 
 @triton.jit
 def _cms_accumulate_kernel(
@@ -94,7 +81,7 @@ def _cms_accumulate_kernel(
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
             p = p - tl.math.div_rn(m, tl.math.sqrt_rn(v) * c2 + eps) * c1
-        tl.store(param_ptr + offs, _round_to(p, param_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + offs, round_to(p, param_ptr.dtype.element_ty), mask=mask)
         tl.store(acc_ptr + offs, tl.zeros_like(acc), mask=mask)
 
 

@@ -49,7 +49,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import KernelInterface
 
-from .delta_rule import _INTERPRET, _to
+from ._common import INTERPRET as _INTERPRET
+from ._common import round_to as _to
 
 __all__ = ["cms_chunk_update_bwd", "cms_chunk_update_fwd"]
 

@@ -40,7 +40,6 @@ interpreter, which reproduces the operand rounding (tests/kernels/test_delta_rul
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,27 +49,16 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import KernelInterface
 
+from ._common import INTERPRET as _INTERPRET
+from ._common import round_to as _to
+
 __all__ = ["delta_rule_fwd", "delta_rule_bwd", "CHUNK"]
 
 CHUNK = 64  # tokens per chunk; the kernels hard-code 64 rows (four 16-row blocks for the inverse)
 _TARGET_SMS = 132  # H100 SXM: the serial kernels narrow their V block while wider ones would leave SMs idle
 
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
 
 # ----------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def _to(x, DT: tl.constexpr):
-    """x rounded to DT to nearest even (the interpreter truncates fp32 → bf16, so it rounds by hand)."""
-    if _INTERPRET:
-        if DT == tl.bfloat16:
-            if x.dtype == tl.float32:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-                x = bits.to(tl.float32, bitcast=True)
-    return x.to(DT)
 
 
 @triton.jit
