@@ -12,7 +12,7 @@ import os
 from setuptools import setup
 
 PACKAGES = ["nested_learning", "nested_learning.kernels"] + [
-    "nested_learning." + d for d in ("ops", "reference", "benchmark", "memory", "training")
+    "nested_learning." + d for d in ("ops", "reference", "benchmark", "memory", "training", "optimizers", "meta")
 ]
 PACKAGE_DIR = {"nested_learning": "nested_learning", "nested_learning.kernels": "kernels"}
 

@@ -8,7 +8,8 @@ from .cms_accumulate import SPEC as CMS_ACCUMULATE
 from .cms_chunk_update import SPEC as CMS_CHUNK_UPDATE
 from .core import Case, Spec
 from .delta_rule import SPEC as DELTA_RULE
+from .memory_mlp_momentum import SPEC as MEMORY_MLP_MOMENTUM
 
-SPECS: dict[str, Spec] = {s.op: s for s in (DELTA_RULE, CMS_ACCUMULATE, CMS_CHUNK_UPDATE)}
+SPECS: dict[str, Spec] = {s.op: s for s in (DELTA_RULE, CMS_ACCUMULATE, CMS_CHUNK_UPDATE, MEMORY_MLP_MOMENTUM)}
 
 __all__ = ["SPECS", "Case", "Spec"]

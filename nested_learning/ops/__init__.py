@@ -8,6 +8,7 @@ from ._library import BACKENDS, EXT_ERROR, HAS_EXT, HAS_TRITON, available, selec
 from .cms_accumulate import cms_accumulate
 from .cms_chunk_update import cms_chunk_update
 from .delta_rule import delta_rule
+from .memory_mlp_momentum import memory_mlp_momentum
 
 __all__ = [
     "BACKENDS",
@@ -20,4 +21,5 @@ __all__ = [
     "cms_accumulate",
     "cms_chunk_update",
     "delta_rule",
+    "memory_mlp_momentum",
 ]
