@@ -178,10 +178,11 @@ class DeepMomentumGD(torch.optim.Optimizer):
         count = sum(len(v) for v in work.values())
         compute_grad = self.step_count % self.memory_update_freq == 0
         memories = self._memories()
-        if compute_grad:
-            for m in memories:
+        if compute_grad:  # memories no tensor uses this step keep no gradient: Adam skips them
+            used = {mem_i for _, mem_i in work}
+            for i, m in enumerate(memories):
                 for w in m.parameters():
-                    w.grad = torch.zeros_like(w)
+                    w.grad = torch.zeros_like(w) if i in used else None
         total = None
         for (g_i, mem_i), params in work.items():
             part = self._apply(self.param_groups[g_i], memories[mem_i], params, 1.0 / count, compute_grad)
