@@ -54,7 +54,8 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.error <= self.budget
+        """Within budget; never when the budget is infinite (a non-finite truth or reference)."""
+        return self.error <= self.budget < float("inf")
 
     @property
     def ratio(self) -> float:
