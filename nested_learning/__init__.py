@@ -5,14 +5,22 @@ Hot paths are torch custom ops in :mod:`nested_learning.ops`; their plain-PyTorc
 lives in :mod:`nested_learning.reference`.
 """
 
-from . import memory, ops, reference, training
+from . import memory, meta, ops, optimizers, reference, training
 from .memory import ContinuumMemorySystem
-from .ops import EXT_ERROR, HAS_EXT, HAS_TRITON, cms_accumulate, cms_chunk_update, delta_rule
+from .ops import EXT_ERROR, HAS_EXT, HAS_TRITON, cms_accumulate, cms_chunk_update, delta_rule, memory_mlp_momentum
+from .optimizers import DeepMomentumGD, DeltaRuleMomentum, PreconditionedMomentum, SimpleMomentumGD
 from .training import ContinuumMemoryTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeepMomentumGD",
+    "DeltaRuleMomentum",
+    "PreconditionedMomentum",
+    "SimpleMomentumGD",
+    "memory_mlp_momentum",
+    "meta",
+    "optimizers",
     "ContinuumMemorySystem",
     "ContinuumMemoryTrainer",
     "EXT_ERROR",

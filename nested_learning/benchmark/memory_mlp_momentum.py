@@ -12,6 +12,7 @@ timed as a reference point.
 from __future__ import annotations
 
 from functools import cache
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -144,17 +145,24 @@ def batched_bucket_step(
         prev_outputs[i].copy_(out.split(rows)[i].flatten()[: sizes[i]].view_as(prev_outputs[i]))
 
 
-def bucketed_step(x: Inputs) -> None:
-    """Every bucket through :func:`batched_bucket_step`."""
+def bucketed_step(x: Inputs, step: Callable[..., None] = batched_bucket_step) -> None:
+    """Every bucket through :func:`batched_bucket_step` (or ``step``, e.g. its compiled form)."""
     for b, idx in _per_bucket(x):
         pick = lambda key: [x[key][i] for i in idx]  # noqa: E731
-        batched_bucket_step(pick("params"), pick("grads"), pick("momenta"), pick("prev_outputs"), pick("has_prev"),
-                            x["weights"][b], x["weight_grads"][b], x["projections"][b], x["loss"], x["loss_scale"])
+        step(pick("params"), pick("grads"), pick("momenta"), pick("prev_outputs"), pick("has_prev"), x["weights"][b],
+             x["weight_grads"][b], x["projections"][b], x["loss"], x["loss_scale"])
 
 
 @cache
-def _compiled_bucketed():
-    return torch.compile(bucketed_step)
+def _compiled_bucket_step() -> Callable[..., None]:
+    return torch.compile(batched_bucket_step)
+
+
+def compiled_bucketed_step(x: Inputs) -> None:
+    """:func:`bucketed_step` with each bucket's step compiled (a graph per bucket: the recompile
+    limit is raised to hold every bucket of every case)."""
+    with torch._dynamo.config.patch(recompile_limit=64):
+        bucketed_step(x, _compiled_bucket_step())
 
 
 def baselines(case: Case, device: torch.device) -> dict[str, Impl]:
@@ -162,7 +170,7 @@ def baselines(case: Case, device: torch.device) -> dict[str, Impl]:
     quick single-layer case costs minutes of a CI run for a baseline that is never shipped)."""
     found: dict[str, Impl] = {"bucketed": bucketed_step}
     if case.dim("L") > 1:
-        found["bucketed+compile"] = lambda x: _compiled_bucketed()(x)
+        found["bucketed+compile"] = compiled_bucketed_step
     return found
 
 
