@@ -167,3 +167,12 @@ class AdaptivePreconditionedMomentum(TensorOptimizer):
         each("div_", foreach, denom, [(1 - beta2**t) ** 0.5 for t in steps])
         each("add_", foreach, denom, group["eps"])
         each("addcdiv_", foreach, params, m, denom, value=[-group["lr"] / (1 - beta1**t) for t in steps])
+
+
+def __getattr__(name: str) -> Any:
+    """``OjaRuleMomentum`` at the reference library's module path (it lives beside the delta rule)."""
+    if name == "OjaRuleMomentum":
+        from .delta_rule import OjaRuleMomentum
+
+        return OjaRuleMomentum
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

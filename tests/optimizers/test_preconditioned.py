@@ -108,3 +108,10 @@ def test_compiled_step_matches_eager():
         runs.append(params)
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_oja_rule_momentum_at_the_reference_library_module_path():
+    from nested_learning.optimizers import OjaRuleMomentum
+    from nested_learning.optimizers import preconditioned
+
+    assert preconditioned.OjaRuleMomentum is OjaRuleMomentum
