@@ -84,9 +84,9 @@ def time_steps(steps: list[Callable[[], Any]], device: torch.device, repeats: in
 
 def run(
     model_params: int = 10_000_000,
-    width: int = WIDTH,
     repeats: int = 5,
     warmup: int = 2,
+    width: int = WIDTH,
     device: str = "cpu",
     seed: int = 0,
 ) -> list[dict]:
@@ -172,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(args.params, args.width, args.repeats, args.warmup, args.device)
+    rows = run(args.params, args.repeats, args.warmup, args.width, args.device)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

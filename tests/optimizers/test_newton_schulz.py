@@ -82,3 +82,10 @@ def test_bad_input_is_rejected():
         newton_schulz(torch.zeros(3))
     with pytest.raises(ValueError, match="coefficients"):
         newton_schulz(torch.zeros(2, 2), coefficients=(1.0, 2.0))
+
+
+@pytest.mark.slow
+def test_compiles_to_the_eager_result():
+    g = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(newton_schulz, fullgraph=True)
+    torch.testing.assert_close(compiled(g, dtype=torch.float32), newton_schulz(g, dtype=torch.float32))
