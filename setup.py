@@ -12,7 +12,7 @@ import os
 from setuptools import setup
 
 PACKAGES = ["nested_learning", "nested_learning.kernels"] + [
-    "nested_learning." + d for d in ("ops", "reference", "benchmark", "memory", "training", "optimizers", "meta")
+    "nested_learning." + d for d in ("ops", "reference", "benchmark", "memory", "training", "optimizers", "meta", "models", "data")
 ]
 PACKAGE_DIR = {"nested_learning": "nested_learning", "nested_learning.kernels": "kernels"}
 
@@ -42,4 +42,10 @@ def _extension():
 
 
 ext_modules, cmdclass = _extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"nested_learning.data": ["corpus/*.txt.gz"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,5 +1,7 @@
-"""The ``nested-learning`` command: ``doctor``, ``check`` and ``bench``.
+"""The ``nested-learning`` command: ``train``, ``doctor``, ``check`` and ``bench``.
 
+    nested-learning train [--model M] [--task T] [--optimizer O] [--steps N] [--plot FILE] [--json FILE]
+                                                train a model on an embedded task, print metrics as JSON
     nested-learning doctor                      what is available (torch, triton, _C, device)
     nested-learning check [--op NAME]           every backend vs the float64 reference
     nested-learning bench [--op NAME] [--quick] [--json FILE] [--plot FILE]
@@ -17,6 +19,8 @@ import torch
 
 from . import __version__, ops
 from .benchmark import SPECS, report, runner
+from .data import TASKS
+from .training import task_training
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -116,10 +120,60 @@ def bench(args: argparse.Namespace) -> int:
     return 1 if any(not r["passed"] and r["kind"] == "backend" for r in rows) else 0
 
 
+def train(args: argparse.Namespace) -> int:
+    import json
+
+    overrides = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+    config = task_training.TrainConfig(**overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = _train_progress(config.steps)
+    result = task_training.train(config, progress=progress)
+    print(json.dumps({k: result[k] for k in ("final", "params", "seconds", "tokens_per_second", "config")}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        task_training.plot_history({f"{config.model} / {config.optimizer}": result}, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+_TRAIN_FIELDS = ("model", "task", "optimizer", "steps", "batch_size", "lr", "dim", "n_layers", "n_heads",
+                 "eval_every", "seed")
+
+
+def _train_progress(steps: int):
+    """A one-line progress report on stderr: step, loss, last eval."""
+    last_eval: dict[str, float] = {}
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        last_eval.update({k: v for k, v in metrics.items() if k.startswith("eval_")})
+        if step % 10 and step + 1 != steps:
+            return
+        evals = " ".join(f"{k} {v:.3f}" for k, v in last_eval.items())
+        bar = "#" * (30 * (step + 1) // steps)
+        print(f"\r[{bar:<30}] step {step + 1}/{steps} loss {metrics['loss']:.3f} {evals}", end="", file=sys.stderr)
+        if step + 1 == steps:
+            print(file=sys.stderr)
+
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nested-learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model on an embedded task (defaults: HOPE on MQAR, a few minutes)")
+    t.add_argument("--model", choices=task_training.MODELS)
+    t.add_argument("--task", choices=tuple(TASKS))
+    t.add_argument("--optimizer", choices=task_training.OPTIMIZERS)
+    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("dim", int), ("n-layers", int),
+                       ("n-heads", int), ("eval-every", int), ("seed", int)):
+        t.add_argument(f"--{name}", type=kind)
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--plot", metavar="FILE", help="write loss/accuracy curves as PNG (needs matplotlib)")
+    t.add_argument("--json", metavar="FILE", help="write the whole run (curves included) as JSON")
     sub.add_parser("doctor", help="what is available: torch, triton, the C++ extension, the device")
     for name, helptext in (("check", "every backend vs the float64 reference"), ("bench", "time every backend and baseline")):
         p = sub.add_parser(name, help=helptext)
@@ -132,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--plot", metavar="FILE", help="write a PNG bar chart (needs matplotlib)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    return {"doctor": doctor, "check": check, "bench": bench}[args.command](args)
+    return {"train": train, "doctor": doctor, "check": check, "bench": bench}[args.command](args)
 
 
 if __name__ == "__main__":

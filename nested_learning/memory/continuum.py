@@ -28,7 +28,7 @@ Variants of the chain, with a = softmax(level_weights):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops import _checks
 from ..reference.cms_chunk_update import ACTIVATIONS
 
-__all__ = ["ContinuumMLP", "ContinuumMemorySystem", "FullyNestedCMS", "VARIANTS"]
+__all__ = ["ContinuumMLP", "ContinuumMemorySystem", "FastWeightState", "FullyNestedCMS", "VARIANTS"]
 
 VARIANTS = ("sequential", "nested", "independent")
 _ACTIVATION_ALIASES = {"swish": "silu"}
@@ -62,19 +63,40 @@ def _chunk_sizes(num_levels: int, chunk_sizes: list[int] | None) -> list[int]:
     return sizes
 
 
+class FastWeightState(NamedTuple):
+    """Carried state of an in-context level: the open chunk's start weights and its tokens so far.
+
+    ``w1`` ``[B, h, d]`` and ``w2`` ``[B, e, h]`` (compute dtype), ``x`` ``[B, r, d]`` and
+    ``target`` ``[B, r, e]`` with r < chunk_size tokens waiting for the chunk's update.
+    """
+
+    w1: Tensor
+    w2: Tensor
+    x: Tensor
+    target: Tensor
+
+
 class ContinuumMLP(nn.Module):
-    """One CMS level: fc1 (d→h) → activation → dropout → fc2 (h→d) → dropout.
+    """One CMS level: fc1 (d→h) → activation → dropout → fc2 (h→e) → dropout, e = d by default.
 
     fc1 is Xavier-initialised, fc2 Xavier with gain 0.1 (a small initial contribution), biases
     zero. ``bias=False`` drops both biases (in-context levels: the fast weights are the two
     matrices).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        bias: bool = True,
+        out_dim: int | None = None,
+    ):
         super().__init__()
         self.activation_name = _activation_name(activation)
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         nn.init.xavier_uniform_(self.fc1.weight)
         nn.init.xavier_uniform_(self.fc2.weight, gain=0.1)
@@ -93,10 +115,39 @@ class ContinuumMLP(nn.Module):
     def in_context(self, x: Tensor, target: Tensor, lr: float, chunk_size: int) -> Tensor:
         """Outputs of the level as fast weights over each sequence of ``x`` ``[B, T, d]``,
         trained on ½‖MLP(x_t) − target_t‖² and updated every ``chunk_size`` tokens."""
-        if self.fc1.bias is not None:
-            raise ValueError("in-context levels are bias-free; build the level with bias=False")
+        self._check_bias_free()
         o, _, _ = ops.cms_chunk_update(x, target, self.fc1.weight, self.fc2.weight, lr, chunk_size, self.activation_name)
         return self.dropout(o)
+
+    def in_context_with_state(
+        self, x: Tensor, target: Tensor, lr: float, chunk_size: int, state: FastWeightState | None = None
+    ) -> tuple[Tensor, FastWeightState]:
+        """:meth:`in_context` continued from ``state`` (``None``: the level's own weights), for
+        streaming: the tokens of the open chunk are kept and its update applied once it fills,
+        so feeding a sequence in pieces gives the outputs of feeding it whole."""
+        self._check_bias_free()
+        if state is None:
+            B = x.shape[0]
+            state = FastWeightState(
+                self.fc1.weight.expand(B, -1, -1), self.fc2.weight.expand(B, -1, -1), x[:, :0], target[:, :0]
+            )
+        w1, w2, px, pt = state
+        xs, ts = torch.cat([px.to(x.dtype), x], 1), torch.cat([pt.to(target.dtype), target], 1)
+        n = xs.shape[1]
+        full = n // chunk_size * chunk_size
+        outs = []
+        if full:
+            o, w1, w2 = ops.cms_chunk_update(xs[:, :full], ts[:, :full], w1, w2, lr, chunk_size, self.activation_name)
+            outs.append(o)
+        if full < n:
+            rest = xs[:, full:].to(w1.dtype)
+            outs.append(torch.bmm(self.act(torch.bmm(rest, w1.transpose(1, 2))), w2.transpose(1, 2)).to(x.dtype))
+        o = torch.cat(outs, 1)[:, px.shape[1]:]
+        return self.dropout(o), FastWeightState(w1, w2, xs[:, full:], ts[:, full:])
+
+    def _check_bias_free(self) -> None:
+        if self.fc1.bias is not None:
+            raise ValueError("in-context levels are bias-free; build the level with bias=False")
 
 
 class ContinuumMemorySystem(nn.Module):
@@ -113,7 +164,7 @@ class ContinuumMemorySystem(nn.Module):
         variant: ``'sequential'``, ``'nested'`` or ``'independent'`` (module docstring).
         in_context: levels are per-sequence fast weights updated every ``chunk_sizes[l]``
             tokens through ``cms_chunk_update``; each level gets a value projection W_v.
-        memory_lr: inner learning rate of the in-context levels.
+        memory_lr: inner learning rate of the in-context levels (one for all, or one per level).
 
     ``level_weights`` (trainable, outside every level) are updated by the outer optimizer on
     every step, as in the reference library. The window accumulators, their counts and the
@@ -130,7 +181,7 @@ class ContinuumMemorySystem(nn.Module):
         dropout: float = 0.0,
         variant: str = "sequential",
         in_context: bool = False,
-        memory_lr: float = 0.01,
+        memory_lr: float | list[float] = 0.01,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -142,6 +193,10 @@ class ContinuumMemorySystem(nn.Module):
         self.variant = variant
         self.in_context = in_context
         self.memory_lr = memory_lr
+        lrs = [memory_lr] * num_levels if isinstance(memory_lr, (int, float)) else list(memory_lr)
+        if len(lrs) != num_levels:
+            raise ValueError(f"memory_lr must be a number or num_levels={num_levels} numbers, got {memory_lr!r}")
+        self.memory_lrs = [_checks.finite("memory_lr", lr) for lr in lrs]
         self.mlps = nn.ModuleList(
             ContinuumMLP(dim, self.hidden_dim, activation, dropout, bias=not in_context) for _ in range(num_levels)
         )
@@ -153,29 +208,43 @@ class ContinuumMemorySystem(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _level(self, i: int, h: Tensor) -> Tensor:
+    def _level(self, i: int, h: Tensor, state: list | None = None) -> Tensor:
         if not self.in_context:
             return self.mlps[i](h)
         assert self.values is not None
-        return self.mlps[i].in_context(h, self.values[i](h), self.memory_lr, self.chunk_sizes[i])
+        target = self.values[i](h)
+        if state is None:
+            return self.mlps[i].in_context(h, target, self.memory_lrs[i], self.chunk_sizes[i])
+        y, state[i] = self.mlps[i].in_context_with_state(h, target, self.memory_lrs[i], self.chunk_sizes[i], state[i])
+        return y
 
-    def forward(self, x: Tensor, use_residual: bool = True) -> Tensor:
-        """``x`` ``[B, T, d]`` → ``[B, T, d]`` through the levels in the chosen variant."""
+    def forward(
+        self, x: Tensor, use_residual: bool = True, *, state: list | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, list]:
+        """``x`` ``[B, T, d]`` → ``[B, T, d]`` through the levels in the chosen variant.
+
+        With ``return_state`` (in-context levels) also returns the per-level
+        :class:`FastWeightState` list; pass it back as ``state`` to continue the sequences.
+        """
+        if return_state or state is not None:
+            state = list(state) if state is not None else [None] * self.num_levels
+            if len(state) != self.num_levels:
+                raise ValueError(f"state must have num_levels={self.num_levels} entries, got {len(state)}")
         a = torch.softmax(self.level_weights, dim=0)
         if self.variant == "independent":
-            out = sum(a[i] * self._level(i, x) for i in range(self.num_levels))
+            out = sum(a[i] * self._level(i, x, state) for i in range(self.num_levels))
             h = x + out if use_residual else out
         else:
             h = x
             for i in range(self.num_levels):
-                y = self._level(i, h)
+                y = self._level(i, h, state)
                 if not use_residual:
                     h = y
                 else:
                     h = h + (a[i] * y if self.variant == "sequential" else y)
         if self.training:
             self.step_count += 1
-        return h
+        return (h, state) if return_state else h
 
     def forward_hierarchical(self, x: Tensor) -> list[Tensor]:
         """Every level's output h_l = h_{l−1} + MLP_l(h_{l−1}) (unweighted residuals)."""

@@ -148,6 +148,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, target, *output[3:])
     ctx.lr, ctx.chunk_size, ctx.activation = lr, chunk_size, activation
     ctx.mark_non_differentiable(*output[3:])
+    ctx.set_materialize_grads(False)  # else autograd fills zero gradients for the (large) residuals
 
 
 def _backward(ctx, do, dw1_final, dw2_final, *_residuals):

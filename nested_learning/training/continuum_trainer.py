@@ -60,6 +60,116 @@ def _fused_hyper(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> dic
     return None
 
 
+def _find_cms_modules(model: nn.Module) -> dict[str, ContinuumMemorySystem]:
+    """Every ContinuumMemorySystem in ``model``, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ContinuumMemorySystem)}
+
+
+def _check_levels_held(cms_modules: dict[str, ContinuumMemorySystem], optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless ``optimizer`` holds every parameter of every (training-time) CMS level."""
+    held = {p for g in optimizer.param_groups for p in g["params"]}
+    for name, cms in cms_modules.items():
+        if cms.in_context:
+            continue
+        missing = [i for i in range(cms.num_levels) for p in cms.level_parameters(i) if p not in held]
+        if missing:
+            raise ValueError(f"optimizer does not hold the parameters of {name or 'the CMS'} level(s) {sorted(set(missing))}")
+
+
+def _multifreq_update(optimizer: torch.optim.Optimizer, cms_modules: dict[str, ContinuumMemorySystem], step: int,
+                      average: bool = True) -> None:
+    """The multi-frequency rule of the module docstring for step ``step``, between ``backward()``
+    and ``optimizer.step()``: every training-time level's gradient goes into its window; due
+    levels are stepped (fused) or handed their window gradient (fallback), and every level's
+    ``.grad`` that ``optimizer.step()`` must not apply is set to None."""
+    for cms in cms_modules.values():
+        if not cms.in_context:
+            _cms_update(optimizer, cms, step, average)
+
+
+def _cms_update(optimizer: torch.optim.Optimizer, cms: ContinuumMemorySystem, step: int, average: bool) -> None:
+    """One CMS: fused groups (SGD/Adam/AdamW param groups) through ``cms_accumulate``, the rest by fallback."""
+    due_levels = cms.get_update_levels(step)
+    fused: dict[tuple, list[tuple[int, nn.Parameter, Tensor]]] = defaultdict(list)
+    fallback: list[tuple[int, nn.Parameter, Tensor]] = []
+    # the optimizer's current groups (load_state_dict and schedulers replace or edit them)
+    groups = optimizer.param_groups
+    hypers = {p: h for g in groups for h in [_fused_hyper(optimizer, g)] for p in g["params"]}
+    for level in range(cms.num_levels):
+        for p, acc in zip(cms.level_parameters(level), cms.accumulators(level)):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            hyper = hypers[p]
+            if hyper is None:
+                fallback.append((level, p, acc))
+            else:
+                fused[tuple(sorted(hyper.items()))].append((level, p, acc))
+    for key, items in fused.items():
+        _fused_step(optimizer, dict(key), items, due_levels, cms, average)
+    _fallback_step(fallback, due_levels, cms, average)
+    for level, due in enumerate(due_levels):
+        if due:
+            cms.update_counts[level] += 1
+            cms.accumulated_counts[level] = 0
+        else:
+            cms.accumulated_counts[level] += 1
+
+
+def _state(
+    optimizer: torch.optim.Optimizer, p: nn.Parameter, kind: str, momentum: float
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """The optimizer's state slots for ``p`` in torch.optim's names (fp32 buffers)."""
+    state = optimizer.state[p]
+    ct = torch.float64 if p.dtype == torch.float64 else torch.float32
+    if "step" not in state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+    if kind == "sgd":
+        if momentum == 0:
+            return None, None, state["step"]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=ct)
+        return state["momentum_buffer"], None, state["step"]
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name not in state:
+            state[name] = torch.zeros_like(p, dtype=ct)
+    return state["exp_avg"], state["exp_avg_sq"], state["step"]
+
+
+def _fused_step(optimizer: torch.optim.Optimizer, hyper: dict[str, Any], items: list, due_levels: list[bool],
+                cms: ContinuumMemorySystem, average: bool) -> None:
+    m, v, steps, params, grads, accs, counts, due = [], [], [], [], [], [], [], []
+    for level, p, acc in items:
+        exp_avg, exp_avg_sq, step = _state(optimizer, p, hyper["optimizer"], hyper.get("momentum", 0.0))
+        if exp_avg is not None:
+            m.append(exp_avg)
+        if exp_avg_sq is not None:
+            v.append(exp_avg_sq)
+        params.append(p.data)
+        grads.append(p.grad)
+        accs.append(acc)
+        counts.append(cms.accumulated_counts[level])
+        steps.append(int(step.item()))
+        due.append(due_levels[level])
+    ops.cms_accumulate(params, grads, accs, m, v, counts, steps, due, average=average, **hyper)
+    for (level, p, _), is_due in zip(items, due):
+        if is_due:
+            optimizer.state[p]["step"] += 1
+        p.grad = None
+
+
+def _fallback_step(items: list, due_levels: list[bool], cms: ContinuumMemorySystem, average: bool) -> None:
+    """Any other optimizer: window gradient into ``.grad`` of due parameters, None elsewhere."""
+    with torch.no_grad():
+        for level, p, acc in items:
+            acc.add_(p.grad)
+            if due_levels[level]:
+                n = cms.accumulated_counts[level] + 1
+                p.grad = (acc * (1.0 / n) if average else acc.clone()).to(p.dtype)
+                acc.zero_()
+            else:
+                p.grad = None
+
+
 class ContinuumMemoryTrainer:
     """Train a model whose ``ContinuumMemorySystem`` levels update at their own periods.
 
@@ -77,14 +187,8 @@ class ContinuumMemoryTrainer:
         self.device = torch.device(device)
         self.average = average
         self.step_count = 0
-        self.cms_modules = {n: m for n, m in model.named_modules() if isinstance(m, ContinuumMemorySystem)}
-        held = {p for g in optimizer.param_groups for p in g["params"]}
-        for name, cms in self.cms_modules.items():
-            if cms.in_context:
-                continue
-            missing = [i for i in range(cms.num_levels) for p in cms.level_parameters(i) if p not in held]
-            if missing:
-                raise ValueError(f"optimizer does not hold the parameters of {name or 'the CMS'} level(s) {sorted(set(missing))}")
+        self.cms_modules = _find_cms_modules(model)
+        _check_levels_held(self.cms_modules, optimizer)
 
     # ------------------------------------------------------------------ one step
 
@@ -95,87 +199,10 @@ class ContinuumMemoryTrainer:
         loss = loss_fn(output, labels.to(self.device))
         self.optimizer.zero_grad()
         loss.backward()
-        for cms in self.cms_modules.values():
-            if not cms.in_context:
-                self._apply_multifreq_update(cms, self.step_count)
+        _multifreq_update(self.optimizer, self.cms_modules, self.step_count, self.average)
         self.optimizer.step()
         self.step_count += 1
         return float(loss.detach())
-
-    def _apply_multifreq_update(self, cms: ContinuumMemorySystem, step: int) -> None:
-        due_levels = cms.get_update_levels(step)
-        fused: dict[tuple, list[tuple[int, nn.Parameter, Tensor]]] = defaultdict(list)
-        fallback: list[tuple[int, nn.Parameter, Tensor]] = []
-        # the optimizer's current groups (load_state_dict and schedulers replace or edit them)
-        groups = self.optimizer.param_groups
-        hypers = {p: h for g in groups for h in [_fused_hyper(self.optimizer, g)] for p in g["params"]}
-        for level in range(cms.num_levels):
-            for p, acc in zip(cms.level_parameters(level), cms.accumulators(level)):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                hyper = hypers[p]
-                if hyper is None:
-                    fallback.append((level, p, acc))
-                else:
-                    fused[tuple(sorted(hyper.items()))].append((level, p, acc))
-        for key, items in fused.items():
-            self._fused_step(dict(key), items, due_levels, cms)
-        self._fallback_step(fallback, due_levels, cms)
-        for level, due in enumerate(due_levels):
-            if due:
-                cms.update_counts[level] += 1
-                cms.accumulated_counts[level] = 0
-            else:
-                cms.accumulated_counts[level] += 1
-
-    def _state(self, p: nn.Parameter, optimizer: str, momentum: float) -> tuple[Tensor | None, Tensor | None, Tensor]:
-        """The optimizer's state slots for ``p`` in torch.optim's names (fp32 buffers)."""
-        state = self.optimizer.state[p]
-        ct = torch.float64 if p.dtype == torch.float64 else torch.float32
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-        if optimizer == "sgd":
-            if momentum == 0:
-                return None, None, state["step"]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=ct)
-            return state["momentum_buffer"], None, state["step"]
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name not in state:
-                state[name] = torch.zeros_like(p, dtype=ct)
-        return state["exp_avg"], state["exp_avg_sq"], state["step"]
-
-    def _fused_step(self, hyper: dict[str, Any], items: list, due_levels: list[bool], cms: ContinuumMemorySystem) -> None:
-        m, v, steps, params, grads, accs, counts, due = [], [], [], [], [], [], [], []
-        for level, p, acc in items:
-            exp_avg, exp_avg_sq, step = self._state(p, hyper["optimizer"], hyper.get("momentum", 0.0))
-            if exp_avg is not None:
-                m.append(exp_avg)
-            if exp_avg_sq is not None:
-                v.append(exp_avg_sq)
-            params.append(p.data)
-            grads.append(p.grad)
-            accs.append(acc)
-            counts.append(cms.accumulated_counts[level])
-            steps.append(int(step.item()))
-            due.append(due_levels[level])
-        ops.cms_accumulate(params, grads, accs, m, v, counts, steps, due, average=self.average, **hyper)
-        for (level, p, _), is_due in zip(items, due):
-            if is_due:
-                self.optimizer.state[p]["step"] += 1
-            p.grad = None
-
-    def _fallback_step(self, items: list, due_levels: list[bool], cms: ContinuumMemorySystem) -> None:
-        """Any other optimizer: window gradient into ``.grad`` of due parameters, None elsewhere."""
-        with torch.no_grad():
-            for level, p, acc in items:
-                acc.add_(p.grad)
-                if due_levels[level]:
-                    n = cms.accumulated_counts[level] + 1
-                    p.grad = (acc * (1.0 / n) if self.average else acc.clone()).to(p.dtype)
-                    acc.zero_()
-                else:
-                    p.grad = None
 
     # ------------------------------------------------------------------ loops
 
