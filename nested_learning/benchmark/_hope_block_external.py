@@ -58,7 +58,8 @@ def reference_block(spec: dict) -> list[dict]:
     from nested_learning.models.hope import HOPEBlock
 
     B, T, d = spec["batch"], spec["seq_len"], spec["dim"]
-    kwargs = dict(dim=d, n_heads=spec["heads"], chunk_sizes=list(spec["chunk_sizes"]), dropout=0.0)
+    kwargs = dict(dim=d, n_heads=spec["heads"], chunk_sizes=list(spec["chunk_sizes"]), dropout=0.0,
+                  use_self_modification=spec.get("use_self_modification", True))
     block = HOPEBlock(**kwargs)
     x = torch.randn(B, T, d, generator=torch.Generator().manual_seed(spec["seed"]), requires_grad=True)
     grads = _grads_step(block, x)

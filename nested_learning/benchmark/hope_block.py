@@ -14,9 +14,15 @@ within a group so load from other processes spreads over its rows alike):
    - ``1a`` ours, ``HOPEBlock(d, n_heads, chunk_sizes, dropout=0.0)``, ops on their default
      backend (``cpp`` on CPU, ``triton`` on CUDA);
    - ``1b`` the same block with every op on its pure-PyTorch reference (``use_backend('reference')``);
+   - ``1e`` ours in the reference library's architecture, ``HOPEBlock(..., mixer='attention',
+     cms_in_context=False)`` (self-modifying softmax attention, made causal, and position-wise
+     CMS MLPs: no in-context memory), and ``1f`` the same with ``use_self_modification=False``
+     (``LinearAttentionWithMemory``, chunked);
    - ``1c`` with ``--reference-library DIR`` (a checkout of phlong3105/nested_learning, package
      in ``DIR/src``): its ``HOPEBlock(dim, n_heads, chunk_sizes, dropout=0.0)`` (non-causal
-     softmax attention with self-modifying projections, position-wise CMS MLPs);
+     softmax attention with self-modifying projections, position-wise CMS MLPs), compared with
+     ``1e``; ``1g`` its block with ``use_self_modification=False`` (its
+     ``LinearAttentionWithMemory`` loops over tokens), compared with ``1f``;
    - ``1d`` with ``--peer DIR`` (a checkout of kmccleary3301/nested_learning): its
      ``HOPESelfModBlock`` (self-modifying Titans → CMS, the paper's HOPE block) with CMS levels
      of update periods 8/32/128, hidden 4·d, self-modifying Titans chunk 8 (its ``M_memory``
@@ -176,19 +182,34 @@ def run(
                      compared_with="1a"))
     rows.append(_row("hope_block", "1b", "ours, reference ops (use_backend('reference'))", ours_cfg, block_shape,
                      reference, dev, compared_with="1a"))
-    del block, x
+    same_arch = {"1e": dict(mixer="attention", cms_in_context=False),
+                 "1f": dict(mixer="attention", cms_in_context=False, use_self_modification=False)}
+    progress("1e/1f: ours in the reference library's architecture")
+    steps = []
+    for kwargs in same_arch.values():
+        torch.manual_seed(seed)
+        steps.append(_grads_step(HOPEBlock(dim, heads, chunk_sizes, dropout=0.0, **kwargs).to(dev), x, None))
+    for (rid, kwargs), times in zip(same_arch.items(), time_steps(steps, dev, repeats, warmup)):
+        cfg = f"HOPEBlock({dim}, n_heads={heads}, chunk_sizes={chunk_sizes}, dropout=0.0, " + \
+              ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + "), train mode"
+        name = "ours, reference library's architecture" + (", self-modification off" if rid == "1f" else "")
+        rows.append(_row("hope_block", rid, name, cfg, block_shape, times, dev, compared_with=rid))
+    del block, x, steps
     common = dict(threads=torch.get_num_threads(), warmup=warmup, seed=seed, batch=batch, seq_len=seq_len, dim=dim,
                   heads=heads, chunk_sizes=chunk_sizes)
     if reference_library:
-        progress("1c: reference library HOPEBlock")
-        out = run_external("reference_block", reference_library, {**common, "repeats": slow_repeats},
-                           external_timeout)
-        name = "reference library HOPEBlock (phlong3105/nested_learning)"
-        if "error" in out:
-            rows.append(_error_row("hope_block", "1c", name, block_shape, dev, out["error"], "1a"))
-        else:
-            (r,) = out["rows"]
-            rows.append(_row("hope_block", "1c", name, r["config"], block_shape, r["times_s"], dev, compared_with="1a"))
+        for rid, base, self_mod in (("1c", "1e", True), ("1g", "1f", False)):
+            name = "reference library HOPEBlock (phlong3105/nested_learning)" + ("" if self_mod else
+                                                                                 ", self-modification off")
+            progress(f"{rid}: {name}")
+            out = run_external("reference_block", reference_library,
+                               {**common, "repeats": slow_repeats, "use_self_modification": self_mod}, external_timeout)
+            if "error" in out:
+                rows.append(_error_row("hope_block", rid, name, block_shape, dev, out["error"], base))
+            else:
+                (r,) = out["rows"]
+                rows.append(_row("hope_block", rid, name, r["config"], block_shape, r["times_s"], dev,
+                                 compared_with=base))
     if peer:
         progress("1d: peer HOPESelfModBlock (slow: its update pass loops over tokens)")
         out = run_external("peer_block", peer, {**common, "repeats": repeats, "slow_repeats": slow_repeats,
