@@ -133,6 +133,13 @@ class _Combined(torch.optim.Optimizer):
         for o in self.optimizers:
             o.zero_grad(set_to_none)
 
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            o.load_state_dict(s)
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], chunk: int = 64) -> dict[str, float]:

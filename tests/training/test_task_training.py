@@ -43,6 +43,18 @@ def test_models_and_optimizers():
     m3 = task_training.build_optimizer(TrainConfig(**TINY, optimizer="m3"), hope)
     covered = {id(p) for g in m3.param_groups for p in g["params"]}
     assert covered == {id(p) for p in hope.parameters()}
+    embedding = hope.token_embedding.weight
+    assert not any(p is embedding for g in m3.optimizers[0].param_groups for p in g["params"])  # M3: blocks only
+    ids = torch.randint(0, 11, (2, 32))
+    hope(ids, labels=ids)[0].backward()
+    m3.step()
+    saved = m3.state_dict()
+    fresh = task_training.build_optimizer(TrainConfig(**TINY, optimizer="m3"), hope)
+    fresh.load_state_dict(saved)
+    def keys(opt):
+        return [o.state_dict()["state"].keys() for o in opt.optimizers]
+
+    assert keys(fresh) == keys(m3) and len(keys(m3)[0]) > 0
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "dmgd", "m3"])
