@@ -100,14 +100,12 @@ class HOPEBlock(nn.Module):
             in_context=cms_in_context, memory_lr=[cms_memory_lr / (c * dim) for c in chunk_sizes],
         )
 
-    @property
-    def supports_state(self) -> bool:
-        """Whether the block can continue sequences from a carried state (incremental decoding)."""
-        return not isinstance(self.attention, LinearAttentionWithMemory)
-
     def _mix(self, h: Tensor, enable: bool, state: Any, return_state: bool) -> tuple[Tensor, Any]:
-        if isinstance(self.attention, LinearAttentionWithMemory):
-            return self.attention(h), None
+        if isinstance(self.attention, LinearAttentionWithMemory):  # its state: [S | z], kept detached
+            if state is not None:
+                self.attention.memory = state
+            out = self.attention(h, reset_memory=state is None)
+            return out, self.attention.memory if return_state else None
         if isinstance(self.attention, SelfModifyingTitansMixer):
             out = self.attention(h, enable, state=state, return_state=return_state)
         else:
@@ -123,8 +121,6 @@ class HOPEBlock(nn.Module):
         return_state: bool = False,
     ) -> Tensor | tuple[Tensor, BlockState]:
         """``x`` ``[B, T, dim]`` → ``[B, T, dim]``; ``state``/``return_state`` continue sequences."""
-        if (state is not None or return_state) and not self.supports_state:
-            raise ValueError("this block's mixer (LinearAttentionWithMemory) does not carry state")
         stateful = state is not None or return_state
         m, mixer_state = self._mix(self.ln1(x), enable_self_modification, None if state is None else state.mixer, stateful)
         x = x + m
@@ -281,10 +277,6 @@ class HOPE(nn.Module):
             result = (*result, new_state)
         return result[0] if len(result) == 1 else result
 
-    @property
-    def supports_state(self) -> bool:
-        return all(block.supports_state for block in self.blocks)
-
     @torch.no_grad()
     def generate(
         self,
@@ -298,8 +290,7 @@ class HOPE(nn.Module):
 
         The prompt runs once; every new token then runs alone against the carried state (fast
         weights, delta-rule memories, convolution and KV caches), so the logits equal those of
-        a full-sequence forward. The total length must fit ``max_seq_len``. Models whose mixer
-        carries no state (``LinearAttentionWithMemory``) re-run the whole sequence per token.
+        a full-sequence forward. The total length must fit ``max_seq_len``.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -308,11 +299,7 @@ class HOPE(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         self._check_ids(input_ids, max_new_tokens)
-        stateful = self.supports_state
-        if stateful:
-            logits, state = self(input_ids, enable_self_modification=enable_self_modification, return_state=True)
-        else:
-            logits = self(input_ids, enable_self_modification=enable_self_modification)
+        logits, state = self(input_ids, enable_self_modification=enable_self_modification, return_state=True)
         out = input_ids
         for _ in range(max_new_tokens):
             last = logits[:, -1, :] / temperature
@@ -321,11 +308,8 @@ class HOPE(nn.Module):
                 last = last.masked_fill(last < kth, float("-inf"))
             token = torch.multinomial(torch.softmax(last, dim=-1), num_samples=1)
             out = torch.cat([out, token], dim=1)
-            if stateful:
-                logits, state = self(token, enable_self_modification=enable_self_modification, state=state,
-                                     return_state=True)
-            else:
-                logits = self(out, enable_self_modification=enable_self_modification)
+            logits, state = self(token, enable_self_modification=enable_self_modification, state=state,
+                                 return_state=True)
         return out
 
     def get_cms_modules(self) -> list[ContinuumMemorySystem]:

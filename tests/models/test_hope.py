@@ -84,9 +84,12 @@ def test_hope_is_causal(kw):
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-@pytest.mark.parametrize("mixer", ["titans", "attention"])
-def test_carried_state_equals_the_full_sequence(mixer):
-    model = _small_hope(mixer=mixer)
+STATEFUL = [{}, {"mixer": "attention"}, {"mixer": "attention", "use_self_modification": False}]
+
+
+@pytest.mark.parametrize("kw", STATEFUL)
+def test_carried_state_equals_the_full_sequence(kw):
+    model = _small_hope(**kw)
     ids = torch.randint(0, 23, (3, 29))
     with torch.no_grad():
         full = model(ids, enable_self_modification=False)
@@ -98,9 +101,9 @@ def test_carried_state_equals_the_full_sequence(mixer):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixer", ["titans", "attention"])
-def test_generate_with_carried_state_equals_rerunning_the_prefix(mixer):
-    model = _small_hope(mixer=mixer).eval()
+@pytest.mark.parametrize("kw", STATEFUL)
+def test_generate_with_carried_state_equals_rerunning_the_prefix(kw):
+    model = _small_hope(**kw).eval()
     prompt = torch.randint(0, 23, (2, 7))
     out = model.generate(prompt, max_new_tokens=12, top_k=1, enable_self_modification=False)
     assert out.shape == (2, 19) and torch.equal(out[:, :7], prompt)
