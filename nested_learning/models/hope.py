@@ -28,13 +28,25 @@ from torch import Tensor
 
 from ..memory import ContinuumMemorySystem
 from .linear_attention import LinearAttentionWithMemory
-from .titans import KVCache, SelfModifyingAttention, SelfModifyingLinear, _check_heads
+from .titans import KVCache, SelfModifyingAttention, SelfModifyingLinear, SelfModifyingModule, _check_heads
 from .titans_mixer import MixerState, SelfModifyingTitansMixer
 
 __all__ = ["HOPE", "HOPEBlock", "HOPEForSequenceClassification", "HOPEState", "LinearAttentionWithMemory", "MIXERS"]
 
 MIXERS = ("titans", "attention")
 DEFAULT_CHUNK_SIZES = [8, 32, 128]
+
+
+def reference_init(module: nn.Module) -> None:
+    """The reference library's HOPE initialisation: Linear and Embedding weights N(0, 0.02²),
+    biases 0, LayerNorm (1, 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class BlockState(NamedTuple):
@@ -49,7 +61,7 @@ class HOPEState(NamedTuple):
     blocks: list[BlockState]
 
 
-class HOPEBlock(nn.Module):
+class HOPEBlock(SelfModifyingModule):
     """One HOPE block (module docstring).
 
     Args:
@@ -132,9 +144,6 @@ class HOPEBlock(nn.Module):
         x = x + (c - h)
         return (x, BlockState(mixer_state, cms_state)) if return_state else x
 
-    def self_modifying_linears(self) -> list[SelfModifyingLinear]:
-        return [m for m in self.modules() if isinstance(m, SelfModifyingLinear)]
-
     def get_self_mod_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"use_self_modification": self.use_self_modification, "mixer": self.mixer_name}
         if isinstance(self.attention, SelfModifyingAttention):
@@ -144,16 +153,8 @@ class HOPEBlock(nn.Module):
         stats["cms_stats"] = self.cms.get_level_stats()
         return stats
 
-    def apply_pending_updates(self) -> None:
-        for layer in self.self_modifying_linears():
-            layer.apply_pending_updates()
 
-    def clear_pending_updates(self) -> None:
-        for layer in self.self_modifying_linears():
-            layer.clear_pending_updates()
-
-
-class HOPE(nn.Module):
+class HOPE(SelfModifyingModule):
     """HOPE language model (module docstring); arguments as the reference library's, plus the
     block options ``mixer``, ``cms_in_context``, ``cms_memory_lr`` and ``cms_hidden_dim``.
 
@@ -195,20 +196,10 @@ class HOPE(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.token_embedding.weight
-        self.apply(self._init_weights)
+        self.apply(reference_init)
         for m in self.modules():
             if isinstance(m, SelfModifyingTitansMixer):
                 m.reset_gates()
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def _check_ids(self, input_ids: Tensor, position: int) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
@@ -318,15 +309,6 @@ class HOPE(nn.Module):
     def get_self_mod_stats(self) -> dict[str, Any]:
         return {"blocks": [{**block.get_self_mod_stats(), "block_idx": i} for i, block in enumerate(self.blocks)]}
 
-    def apply_pending_updates(self) -> None:
-        """Apply the self-modifying layers' queued updates (call after ``optimizer.step()``)."""
-        for block in self.blocks:
-            block.apply_pending_updates()
-
-    def clear_pending_updates(self) -> None:
-        for block in self.blocks:
-            block.clear_pending_updates()
-
     def get_self_mod_state(self) -> dict[str, Tensor]:
         """Clones of every self-modifying linear's weight and bias, keyed by module path."""
         state = {}
@@ -360,7 +342,7 @@ class HOPE(nn.Module):
             self.set_self_mod_state(saved)
 
 
-class HOPEForSequenceClassification(nn.Module):
+class HOPEForSequenceClassification(SelfModifyingModule):
     """HOPE with a classifier on the mean of its final hidden states (the reference library
     pooled a vocabulary-logit row and failed on a shape mismatch): Linear → GELU → dropout →
     Linear. ``forward`` returns logits, or ``(loss, logits)`` with class ``labels``."""
@@ -390,6 +372,3 @@ class HOPEForSequenceClassification(nn.Module):
         if labels is None:
             return logits
         return F.cross_entropy(logits, labels), logits
-
-    def apply_pending_updates(self) -> None:
-        self.hope.apply_pending_updates()

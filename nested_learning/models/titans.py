@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import ops
 from ..ops import _checks
 
-__all__ = ["SelfModifyingLinear", "SelfModifyingAttention", "SelfModifyingTitan", "L2RegressionAttention", "KVCache"]
+__all__ = ["SelfModifyingLinear", "SelfModifyingModule", "SelfModifyingAttention", "SelfModifyingTitan", "L2RegressionAttention", "KVCache"]
 
 MODES = ("batch", "sequence")
 _CLAMP = 10.0
@@ -175,6 +175,23 @@ class SelfModifyingLinear(nn.Module):
         self.num_pending_updates = 0
 
 
+class SelfModifyingModule(nn.Module):
+    """A module holding :class:`SelfModifyingLinear` layers: applies or drops all their queued
+    updates at once."""
+
+    def self_modifying_linears(self) -> list[SelfModifyingLinear]:
+        return [m for m in self.modules() if isinstance(m, SelfModifyingLinear)]
+
+    def apply_pending_updates(self) -> None:
+        """Apply every layer's queued updates (call after ``optimizer.step()``)."""
+        for layer in self.self_modifying_linears():
+            layer.apply_pending_updates()
+
+    def clear_pending_updates(self) -> None:
+        for layer in self.self_modifying_linears():
+            layer.clear_pending_updates()
+
+
 class KVCache(NamedTuple):
     """Keys and values ``[B, H, T, d_h]`` of the tokens seen so far."""
 
@@ -182,7 +199,7 @@ class KVCache(NamedTuple):
     values: Tensor
 
 
-class SelfModifyingAttention(nn.Module):
+class SelfModifyingAttention(SelfModifyingModule):
     """Multi-head softmax attention whose four projections are bias-free
     :class:`SelfModifyingLinear` maps (batch rule): softmax(Q Kᵀ/√d_h + mask) V → W_o.
 
@@ -240,16 +257,8 @@ class SelfModifyingAttention(nn.Module):
         out = self.W_o(o.transpose(1, 2).reshape(B, T, self.dim), update_weights=enable_self_modification)
         return (out, KVCache(k, v)) if return_cache else out
 
-    def apply_pending_updates(self) -> None:
-        for w in (self.W_q, self.W_k, self.W_v, self.W_o):
-            w.apply_pending_updates()
 
-    def clear_pending_updates(self) -> None:
-        for w in (self.W_q, self.W_k, self.W_v, self.W_o):
-            w.clear_pending_updates()
-
-
-class SelfModifyingTitan(nn.Module):
+class SelfModifyingTitan(SelfModifyingModule):
     """The reference library's recurrent Titan: input_proj (self-modifying) → ReLU → dropout →
     GRU (or LSTM) → LayerNorm → output_proj (self-modifying). Returns ``(output, hidden)``.
     The recurrent core is a standard GRU/LSTM; the self-modification is the two projections'
@@ -284,14 +293,6 @@ class SelfModifyingTitan(nn.Module):
         h, hidden = self.rnn(h, hidden)
         return self.output_proj(self.layer_norm(h), update_weights=enable_self_modification), hidden
 
-    def apply_pending_updates(self) -> None:
-        self.input_proj.apply_pending_updates()
-        self.output_proj.apply_pending_updates()
-
-    def clear_pending_updates(self) -> None:
-        self.input_proj.clear_pending_updates()
-        self.output_proj.clear_pending_updates()
-
     def get_update_stats(self) -> dict[str, float]:
         return {
             "input_proj_updates": self.input_proj.update_count.item(),
@@ -299,7 +300,7 @@ class SelfModifyingTitan(nn.Module):
         }
 
 
-class L2RegressionAttention(nn.Module):
+class L2RegressionAttention(SelfModifyingModule):
     """Delta-rule attention: per head a memory M trained online on ½‖M k_t − v_t‖²::
 
         M_t = M_{t−1} + β (v_t − M_{t−1} k_t) k_tᵀ,   o_t = M_t q_t,   β = memory_lr
@@ -341,11 +342,3 @@ class L2RegressionAttention(nn.Module):
                           dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         o, _ = ops.delta_rule(q, k, v, beta, scale=1.0)
         return self.dropout(self.W_o(o.reshape(B, T, self.dim), update_weights=enable_self_modification))
-
-    def apply_pending_updates(self) -> None:
-        for w in (self.W_q, self.W_k, self.W_v, self.W_o):
-            w.apply_pending_updates()
-
-    def clear_pending_updates(self) -> None:
-        for w in (self.W_q, self.W_k, self.W_v, self.W_o):
-            w.clear_pending_updates()

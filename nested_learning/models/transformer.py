@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .hope import reference_init
 from .titans import _check_heads
 
 __all__ = ["Transformer"]
@@ -59,10 +60,7 @@ class Transformer(nn.Module):
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.token_embedding.weight
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+            reference_init(m)
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, enable_self_modification: bool = True) -> Any:
         """Logits ``[B, T, vocab]``, or ``(loss, logits)`` with next-token ``labels``
