@@ -4,23 +4,29 @@
 // the chunk-start weights W^(c):
 //     Z = X W1ᵀ,  A = σ(Z),  O = A W2ᵀ,  E = O − V,  P = E W2,  Q = P ⊙ σ'(Z)
 //     W1^(c+1) = W1^(c) − lr Qᵀ X,        W2^(c+1) = W2^(c) − lr Eᵀ A
-// When gradients are needed the forward keeps every chunk's start weights and the per-token
-// activations (Z | P | E), written in place as it computes them.
+// When gradients are needed the forward keeps the per-token activations (Z | P | E), written in
+// place as it computes them, and the weights at the start of every K-th chunk (K =
+// checkpoint_every), plus the final weights when K > 1.
 //
 // Backward (reverse over chunks; dW1, dW2 the adjoints of the next chunk-start weights; Z, P, E
-// read back, σ, σ', σ'' elementwise from Z: no forward GEMM is redone):
+// read back, σ, σ', σ'' elementwise from Z: no forward GEMM is redone). A chunk's start weights
+// are a checkpoint, or are rebuilt from the next chunk's by undoing its update,
+//     W1^(c) = W1^(c+1) + lr Qᵀ X,   W2^(c) = W2^(c+1) + lr Eᵀ A,
+// two rank-L GEMMs on cache-resident weights instead of reading a stored copy from memory;
+// restarting from a checkpoint every K chunks bounds the rounding of the rebuilt weights.
 //     dq = −lr X dW1ᵀ;  dp = dq ⊙ σ'(Z)
 //     de = dp W2ᵀ − lr A dW2ᵀ;  dŌ = dO + de;  dV = −de
 //     da = dŌ W2 − lr E dW2;  dz = da ⊙ σ'(Z) + dq ⊙ P ⊙ σ''(Z);  δ = P ⊙ σ'(Z)
 //     dX = dz W1 − lr δ dW1
 //     dW1 += dzᵀ X;  dW2 += Eᵀ dp + dŌᵀ A
-// Ten GEMM products per chunk, five in the forward.
+// Ten GEMM products per chunk (twelve on rebuilt chunks), five in the forward.
 //
 // Every product is a batched GEMM (ATen's bmm/baddbmm: the BLAS torch was built with); the
 // elementwise work between two GEMMs is one vectorised pass over the chunk's rows. When the B
 // sequences split evenly over the intra-op threads, each thread runs its own sequences with
 // single-threaded GEMMs, with no synchronisation inside the chunk loop; otherwise every GEMM and
-// pass is shared by all threads. Chunk buffers are allocated once per call and viewed compactly
+// pass is shared by all threads. A thread runs its sequences one after the other, so that the
+// weights, their updates and adjoints of one sequence (4(hd + eh) floats) stay in cache. Chunk buffers are allocated once per call and viewed compactly
 // as [B, L, ·] per chunk (L its length).
 //
 // Tokens of any input dtype are converted to the compute dtype (float64 for float64 x, else
@@ -188,6 +194,83 @@ void add_scaled(const Tensor& src, const Tensor& g, T alpha, const Tensor& dst) 
                 dst.data_ptr<T>(), dst.stride(0));
 }
 
+// R rows by NV vectors of columns (the last one `n_last` lanes) of dst ← src + α Uᵀ V, summing the L
+// rank-one terms in registers: u[t * u_ld + r] scales row t of v for output row r.
+template <typename T, int R, int NV>
+inline void rank_update_tile(int64_t L, const T* u, int64_t u_ld, const T* v, int64_t v_ld, T alpha, const T* src,
+                             T* dst, int64_t ld, int64_t n_last) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NV; ++k) acc[r][k] = Vec<T>(T(0));
+  for (int64_t t = 0; t < L; ++t) {
+    const T* vt = v + t * v_ld;
+    Vec<T> x[NV];
+    for (int k = 0; k < NV; ++k) x[k] = load(vt + k * W, k + 1 == NV ? n_last : W);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> a(u[t * u_ld + r]);
+      for (int k = 0; k < NV; ++k) acc[r][k] = at::vec::fmadd(a, x[k], acc[r][k]);
+    }
+  }
+  const Vec<T> va(alpha);
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NV; ++k) {
+      const int64_t n = k + 1 == NV ? n_last : W;
+      store(at::vec::fmadd(acc[r][k], va, load(src + r * ld + k * W, n)), dst + r * ld + k * W, n);
+    }
+}
+
+// dst[b] ← src[b] + α U[b]ᵀ V[b] for U [B, L, rows], V [B, L, cols] (rows of any stride, columns
+// unit-strided) and src, dst [B, rows, cols] (rows contiguous; dst may be src): a rank-L weight update
+// with the product summed in registers and rounded into the weights once per element, as add_scaled.
+// For short chunks this one pass over the weights replaces a GEMM of inner size L (far from the BLAS's
+// efficient shapes) that writes a full-size product, and the pass that adds it.
+template <typename T>
+void rank_update(const Tensor& src, const Tensor& U, const Tensor& V, T alpha, const Tensor& dst) {
+  constexpr int64_t W = Vec<T>::size(), kRows = 2, kVecs = 4;
+  const int64_t B = src.size(0), rows = src.size(1), cols = src.size(2), L = U.size(1);
+  const int64_t row_blocks = (rows + kRows - 1) / kRows;
+  const T *s0 = src.data_ptr<T>(), *u0 = U.data_ptr<T>(), *v0 = V.data_ptr<T>();
+  T* d0 = dst.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, L * cols));
+  at::parallel_for(0, B * row_blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / row_blocks, i = (k % row_blocks) * kRows;
+      const T* u = u0 + b * U.stride(0) + i;
+      const T* v = v0 + b * V.stride(0);
+      const T* sr = s0 + b * src.stride(0) + i * cols;
+      T* dr = d0 + b * dst.stride(0) + i * cols;
+      const int64_t ul = U.stride(1), vl = V.stride(1);
+      auto tiles = [&]<int R>() {
+        int64_t j = 0;
+        for (; j + kVecs * W <= cols; j += kVecs * W)
+          rank_update_tile<T, R, kVecs>(L, u, ul, v + j, vl, alpha, sr + j, dr + j, cols, W);
+        for (; j < cols; j += W)
+          rank_update_tile<T, R, 1>(L, u, ul, v + j, vl, alpha, sr + j, dr + j, cols, std::min(W, cols - j));
+      };
+      if (i + kRows <= rows) {
+        tiles.template operator()<kRows>();
+      } else {
+        tiles.template operator()<1>();
+      }
+    }
+  });
+}
+
+// The weight update of one chunk, dst ← src + α Uᵀ V: fused (rank_update) for chunks of up to
+// kFusedRank tokens, else a GEMM into the workspace G and add_scaled.
+constexpr int64_t kFusedRank = 16;
+
+template <typename T>
+void update_weights(const Tensor& src, const Tensor& U, const Tensor& V, T alpha, const Tensor& dst, Tensor& G) {
+  if (U.size(1) <= kFusedRank) {
+    rank_update<T>(src, U, V, alpha, dst);
+  } else {
+    at::bmm_out(G, tr(U), V);
+    add_scaled<T>(src, G, alpha, dst);
+  }
+}
+
 // The per-token activations (z | p | e) of one chunk: rows of width 2h + e of `acts` (the saved
 // [B, T, 2h + e] output, or a [B, C, 2h + e] workspace), token t0 + r % L of sequence r / L at row r.
 template <typename T>
@@ -207,27 +290,31 @@ struct Activations {
 
 // ------------------------------------------------------------------------------ forward
 
-// W1, W2 hold the start weights and end as the final ones; starts1/2 (when defined) receive every
-// chunk's start weights, and then serve as the chunk's weights. acts is the [B, T, 2h + e] output
-// when saving (Z, P, E are computed into it), else a [B, min(C, T), 2h + e] workspace.
+// W1, W2 hold the start weights and are updated in place to the final ones; starts1/2 (when
+// defined) receive the start weights of every K-th chunk and then, when K > 1, the final weights.
+// acts is the [B, T, 2h + e] output when saving (Z, P, E are computed into it), else a
+// [B, min(C, T), 2h + e] workspace.
 template <typename T, Act A>
-void forward_impl(const Sizes& s, const Tensor& X, const Tensor& V, double lr, const Tensor& W1, const Tensor& W2,
-                  const Tensor& out, const Tensor& starts1, const Tensor& starts2, const Tensor& acts) {
+void forward_impl(const Sizes& s, int64_t K, const Tensor& X, const Tensor& V, double lr, const Tensor& W1,
+                  const Tensor& W2, const Tensor& out, const Tensor& starts1, const Tensor& starts2,
+                  const Tensor& acts) {
   const auto opts = X.options();
   const int64_t BC = s.B * s.C;
   const Tensor abuf = at::empty({BC * s.h}, opts);  // A
   const Tensor sbuf = at::empty({BC * s.h}, opts);  // σ'(Z), then Q
-  Tensor G1 = at::empty({s.B, s.h, s.d}, opts), G2 = at::empty({s.B, s.e, s.h}, opts);  // Qᵀ X, Eᵀ A
+  const bool gemm = s.C > kFusedRank;
+  Tensor G1 = gemm ? at::empty({s.B, s.h, s.d}, opts) : Tensor();  // Qᵀ X, Eᵀ A
+  Tensor G2 = gemm ? at::empty({s.B, s.e, s.h}, opts) : Tensor();
   const bool save = starts1.defined();
-  if (save) {
-    starts1.select(1, 0).copy_(W1);
-    starts2.select(1, 0).copy_(W2);
-  }
   const T* v = V.data_ptr<T>();
   T *o = out.data_ptr<T>(), *a = abuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>();
   for (int64_t c = 0; c < s.N; ++c) {
     const Chunk k{c * s.C, std::min(s.C, s.T - c * s.C), s.T};
-    const Tensor W1c = save ? starts1.select(1, c) : W1, W2c = save ? starts2.select(1, c) : W2;
+    if (save && c % K == 0) {
+      starts1.select(1, c / K).copy_(W1);
+      starts2.select(1, c / K).copy_(W2);
+    }
+    const Tensor &W1c = W1, &W2c = W2;
     const Tensor Xc = X.narrow(1, k.t0, k.L);
     const Activations<T> act(acts, save ? k.t0 : 0, k.L, s.h, s.e);
     Tensor Z = act.z(), P = act.p(), E = act.err();
@@ -260,11 +347,12 @@ void forward_impl(const Sizes& s, const Tensor& X, const Tensor& V, double lr, c
       T* sr = sg + r * s.h;
       for_lanes<T>(s.h, [=](int64_t j, int64_t n) { store(load(pr + j, n) * load(sr + j, n), sr + j, n); });
     });
-    at::bmm_out(G1, tr(Q), Xc);
-    at::bmm_out(G2, tr(E), Am);
-    const bool last = !save || c + 1 == s.N;
-    add_scaled<T>(W1c, G1, static_cast<T>(-lr), last ? W1 : starts1.select(1, c + 1));
-    add_scaled<T>(W2c, G2, static_cast<T>(-lr), last ? W2 : starts2.select(1, c + 1));
+    update_weights<T>(W1, Q, Xc, static_cast<T>(-lr), W1, G1);
+    update_weights<T>(W2, E, Am, static_cast<T>(-lr), W2, G2);
+  }
+  if (save && K > 1) {
+    starts1.select(1, -1).copy_(W1);
+    starts2.select(1, -1).copy_(W2);
   }
 }
 
@@ -274,51 +362,71 @@ void forward_impl(const Sizes& s, const Tensor& X, const Tensor& V, double lr, c
 // is recomputed: σ, σ', σ'' come elementwise from the saved Z.
 //
 // A pair of products into one output is a GEMM and an accumulating GEMM (terms of one size, so the
-// BLAS may add into its output directly). dW2's two products are one GEMM over 2L interleaved rows:
-// rows (E_t, dŌ_t) transposed times rows (dp_t, A_t).
+// BLAS may add into its output directly). The adjoints accumulate through update_weights; dW2's two
+// products are one rank-2L update over interleaved rows: rows (E_t, dŌ_t) transposed times rows
+// (dp_t, A_t).
+//
+// S1, S2 are the forward's checkpoints: slot j holds the start weights of chunk jK, the last slot
+// (K > 1) the final weights. The start weights of any other chunk c are rebuilt into W1r, W2r from
+// chunk c + 1's (a checkpoint, the final weights, or the previous rebuild).
 template <typename T, Act A>
-void backward_impl(const Sizes& s, const Tensor& X, const Tensor& S1, const Tensor& S2, const Tensor& acts,
-                   double lr, const Tensor& dO, const Tensor& dW1, const Tensor& dW2, const Tensor& dX,
-                   const Tensor& dV) {
+void backward_impl(const Sizes& s, int64_t K, const Tensor& X, const Tensor& S1, const Tensor& S2,
+                   const Tensor& acts, double lr, const Tensor& dO, const Tensor& dW1, const Tensor& dW2,
+                   const Tensor& dX, const Tensor& dV) {
   const auto opts = X.options();
   const int64_t BC = s.B * s.C;
   const Tensor qbuf = at::empty({BC * s.h}, opts);      // X dW1ᵀ, then dq ⊙ P ⊙ σ''(Z)
-  const Tensor sbuf = at::empty({BC * s.h}, opts);      // σ'(Z), then δ
+  const Tensor sbuf = at::empty({BC * s.h}, opts);      // σ'(Z)
+  const Tensor dbuf = at::empty({BC * s.h}, opts);      // δ
+  const Tensor W1r = K > 1 ? at::empty({s.B, s.h, s.d}, opts) : Tensor();  // rebuilt start weights
+  const Tensor W2r = K > 1 ? at::empty({s.B, s.e, s.h}, opts) : Tensor();
+  const bool gemm = 2 * s.C > kFusedRank;
+  Tensor G1 = gemm ? at::empty({s.B, s.h, s.d}, opts) : Tensor();  // products of update_weights
+  Tensor G2 = gemm ? at::empty({s.B, s.e, s.h}, opts) : Tensor();
   const Tensor rbuf = at::empty({2 * BC * s.h}, opts);  // rows dp_t, A_t
   const Tensor ebuf = at::empty({BC * s.e}, opts);      // de
   const Tensor ubuf = at::empty({2 * BC * s.e}, opts);  // rows E_t, dŌ_t
   const Tensor abuf = at::empty({BC * s.h}, opts);      // da, then dz
   const T nlr = static_cast<T>(-lr);
   const T* dout = dO.data_ptr<T>();
-  T *dv = dV.data_ptr<T>(), *q = qbuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>(), *rr = rbuf.data_ptr<T>();
-  T *eb = ebuf.data_ptr<T>(), *u = ubuf.data_ptr<T>(), *ab = abuf.data_ptr<T>();
+  T *dv = dV.data_ptr<T>(), *q = qbuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>(), *dl = dbuf.data_ptr<T>();
+  T *rr = rbuf.data_ptr<T>(), *eb = ebuf.data_ptr<T>(), *u = ubuf.data_ptr<T>(), *ab = abuf.data_ptr<T>();
   for (int64_t c = s.N - 1; c >= 0; --c) {
     const Chunk k{c * s.C, std::min(s.C, s.T - c * s.C), s.T};
     const int64_t B = s.B, L = k.L, h = s.h, e = s.e;
-    const Tensor W1 = S1.select(1, c), W2 = S2.select(1, c), Xc = X.narrow(1, k.t0, L);
+    const bool stored = c % K == 0;
+    const Tensor Xc = X.narrow(1, k.t0, L);
     const Activations<T> act(acts, k.t0, L, h, e);
     Tensor Qd = rows(qbuf, B, L, h), dE = rows(ebuf, B, L, e), dA = rows(abuf, B, L, h);
     Tensor dXc = dX.narrow(1, k.t0, L);
     const Tensor R2 = rows(rbuf, B, 2 * L, h), U2 = rows(ubuf, B, 2 * L, e);
     const Tensor dp = rows(rbuf, B, L, h, 2 * h), Am = rows(rbuf, B, L, h, 2 * h, h);
     const Tensor E = rows(ubuf, B, L, e, 2 * e), dOb = rows(ubuf, B, L, e, 2 * e, e);
-    const Tensor dlt = rows(sbuf, B, L, h);
+    const Tensor dlt = rows(dbuf, B, L, h);
 
     at::bmm_out(Qd, Xc, tr(dW1));
     for_rows(B * L, h, [&](int64_t r) {
-      // dq = −lr X dW1ᵀ; rows (dp, A) = (dq ⊙ σ', σ); S = σ'; Qd ← dq ⊙ P ⊙ σ''
+      // dq = −lr X dW1ᵀ; rows (dp, A) = (dq ⊙ σ', σ); S = σ'; δ = P ⊙ σ'; Qd ← dq ⊙ P ⊙ σ''
       const T *zr = act.row(r), *pr = zr + h;
-      T *qr = q + r * h, *sr = sg + r * h, *dpr = rr + 2 * r * h, *ar = dpr + h;
+      T *qr = q + r * h, *sr = sg + r * h, *dr = dl + r * h, *dpr = rr + 2 * r * h, *ar = dpr + h;
       for_lanes<T>(h, [=](int64_t j, int64_t n) {
         Vec<T> f, d1, d2;
         activate<A, true, T>(load(zr + j, n), f, d1, d2);
-        const Vec<T> dq = load(qr + j, n) * Vec<T>(nlr);
+        const Vec<T> dq = load(qr + j, n) * Vec<T>(nlr), p = load(pr + j, n);
         store(dq * d1, dpr + j, n);
         store(f, ar + j, n);
         store(d1, sr + j, n);
-        store(dq * load(pr + j, n) * d2, qr + j, n);
+        store(p * d1, dr + j, n);
+        store(dq * p * d2, qr + j, n);
       });
     });
+    if (!stored) {  // rebuild the chunk-start weights from the next chunk's
+      const bool next_stored = (c + 1) % K == 0 || c + 1 == s.N;
+      const int64_t slot = c + 1 == s.N ? S1.size(1) - 1 : (c + 1) / K;
+      update_weights<T>(next_stored ? S1.select(1, slot) : W1r, dlt, Xc, static_cast<T>(lr), W1r, G1);
+      update_weights<T>(next_stored ? S2.select(1, slot) : W2r, act.err(), Am, static_cast<T>(lr), W2r, G2);
+    }
+    const Tensor W1 = stored ? S1.select(1, c / K) : W1r, W2 = stored ? S2.select(1, c / K) : W2r;
     at::bmm_out(dE, dp, tr(W2));
     dE.baddbmm_(Am, tr(dW2), 1, nlr);  // de = dp W2ᵀ − lr A dW2ᵀ
     for_rows(B * L, e, [&](int64_t r) {
@@ -334,20 +442,17 @@ void backward_impl(const Sizes& s, const Tensor& X, const Tensor& S1, const Tens
     });
     at::bmm_out(dA, dOb, W2);
     dA.baddbmm_(E, dW2, 1, nlr);  // da = dŌ W2 − lr E dW2
-    for_rows(B * L, h, [&](int64_t r) {
-      // dz = da ⊙ σ' + dq ⊙ P ⊙ σ''; δ = P ⊙ σ'
-      const T *pr = act.row(r) + h, *qr = q + r * h;
-      T *dar = ab + r * h, *sr = sg + r * h;
+    for_rows(B * L, h, [&](int64_t r) {  // dz = da ⊙ σ' + dq ⊙ P ⊙ σ''
+      const T *qr = q + r * h, *sr = sg + r * h;
+      T* dar = ab + r * h;
       for_lanes<T>(h, [=](int64_t j, int64_t n) {
-        const Vec<T> d1 = load(sr + j, n);
-        store(at::vec::fmadd(load(dar + j, n), d1, load(qr + j, n)), dar + j, n);
-        store(load(pr + j, n) * d1, sr + j, n);
+        store(at::vec::fmadd(load(dar + j, n), load(sr + j, n), load(qr + j, n)), dar + j, n);
       });
     });
     at::bmm_out(dXc, dA, W1);
     dXc.baddbmm_(dlt, dW1, 1, nlr);  // dX = dz W1 − lr δ dW1
-    dW1.baddbmm_(tr(dA), Xc);        // dW1 += dzᵀ X
-    dW2.baddbmm_(tr(U2), R2);        // dW2 += Eᵀ dp + dŌᵀ A
+    update_weights<T>(dW1, dA, Xc, T(1), dW1, G1);  // dW1 += dzᵀ X
+    update_weights<T>(dW2, U2, R2, T(1), dW2, G2);  // dW2 += Eᵀ dp + dŌᵀ A
   }
 }
 
@@ -395,13 +500,17 @@ void over_sequences(const Sizes& s, const F& f) {
     at::parallel_for(0, s.B, s.B / threads, [&](int64_t b0, int64_t b1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as on the calling thread
       Sizes g = s;
-      g.B = b1 - b0;
-      f(g, b0);
+      g.B = 1;
+      for (int64_t b = b0; b < b1; ++b) f(g, b);
     });
   } else {
     f(s, 0);
   }
 }
+
+// Weight slots kept for the backward: the start weights of every K-th chunk, and the final weights
+// when K > 1 (the backward rebuilds the other chunks' weights from the next chunk's).
+int64_t weight_slots(const Sizes& s, int64_t K) { return (s.N + K - 1) / K + (K > 1 ? 1 : 0); }
 
 template <typename F>
 void dispatch(at::ScalarType ct, Act act, const F& f) {
@@ -422,8 +531,9 @@ void dispatch(at::ScalarType ct, Act act, const F& f) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cms_chunk_update_fwd_cpp(
     const Tensor& x, const Tensor& target, const Tensor& w1, const Tensor& w2, double lr, int64_t chunk_size,
-    std::string_view activation, bool save_residuals) {
+    std::string_view activation, bool save_residuals, int64_t checkpoint_every) {
   const Act act = parse_activation(activation);
+  TORCH_CHECK(checkpoint_every >= 1, "cms_chunk_update_cpp: checkpoint_every must be >= 1, got ", checkpoint_every);
   TORCH_CHECK(w1.dim() == 3, "cms_chunk_update_cpp: w1 must be [B, h, d], got ", w1.sizes());
   const Sizes s = make_sizes(x, target, w1.size(1), chunk_size);
   const at::ScalarType ct = compute_type(x);
@@ -436,14 +546,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cms_chunk_update_fwd_
   const Tensor W1 = w1.clone(at::MemoryFormat::Contiguous), W2 = w2.clone(at::MemoryFormat::Contiguous);
   const Tensor out = at::empty({s.B, s.T, s.e}, opts);
   const int64_t width = 2 * s.h + s.e;
-  const Tensor starts1 = save_residuals ? empty_large({s.B, s.N, s.h, s.d}, opts) : Tensor();
-  const Tensor starts2 = save_residuals ? empty_large({s.B, s.N, s.e, s.h}, opts) : Tensor();
+  const int64_t K = checkpoint_every, slots = weight_slots(s, K);
+  const Tensor starts1 = save_residuals ? empty_large({s.B, slots, s.h, s.d}, opts) : Tensor();
+  const Tensor starts2 = save_residuals ? empty_large({s.B, slots, s.e, s.h}, opts) : Tensor();
   const Tensor acts =
       save_residuals ? empty_large({s.B, s.T, width}, opts) : at::empty({s.B, std::min(s.C, s.T), width}, opts);
   dispatch(ct, act, [&]<typename T, Act A>() {
     over_sequences(s, [&](const Sizes& g, int64_t b0) {
       auto part = [&](const Tensor& t) { return t.defined() ? t.narrow(0, b0, g.B) : t; };
-      forward_impl<T, A>(g, part(X), part(V), lr, part(W1), part(W2), part(out), part(starts1), part(starts2),
+      forward_impl<T, A>(g, K, part(X), part(V), lr, part(W1), part(W2), part(out), part(starts1), part(starts2),
                          part(acts));
     });
   });
@@ -456,13 +567,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cms_chunk_update_fwd_
 std::tuple<Tensor, Tensor, Tensor, Tensor> cms_chunk_update_bwd_cpp(
     const Tensor& x, const Tensor& target, const Tensor& w1_starts, const Tensor& w2_starts,
     const Tensor& activations, double lr, int64_t chunk_size, std::string_view activation, const Tensor& do_,
-    const Tensor& dw1_final, const Tensor& dw2_final) {
+    const Tensor& dw1_final, const Tensor& dw2_final, int64_t checkpoint_every) {
   const Act act = parse_activation(activation);
-  TORCH_CHECK(w1_starts.dim() == 4, "cms_chunk_update_cpp: w1_starts must be [B, N, h, d], got ", w1_starts.sizes());
+  TORCH_CHECK(checkpoint_every >= 1, "cms_chunk_update_cpp: checkpoint_every must be >= 1, got ", checkpoint_every);
+  TORCH_CHECK(w1_starts.dim() == 4, "cms_chunk_update_cpp: w1_starts must be [B, S, h, d], got ", w1_starts.sizes());
   const Sizes s = make_sizes(x, target, w1_starts.size(2), chunk_size);
   const at::ScalarType ct = compute_type(x);
-  expect(w1_starts, "w1_starts", {s.B, s.N, s.h, s.d}, "[B, N, h, d]");
-  expect(w2_starts, "w2_starts", {s.B, s.N, s.e, s.h}, "[B, N, e, h]");
+  const int64_t K = checkpoint_every, slots = weight_slots(s, K);
+  expect(w1_starts, "w1_starts", {s.B, slots, s.h, s.d}, "[B, S, h, d]");
+  expect(w2_starts, "w2_starts", {s.B, slots, s.e, s.h}, "[B, S, e, h]");
   expect(activations, "activations", {s.B, s.T, 2 * s.h + s.e}, "[B, T, 2h + e]");
   expect(do_, "do", {s.B, s.T, s.e}, "[B, T, e]");
   expect(dw1_final, "dw1_final", {s.B, s.h, s.d}, "[B, h, d]");
@@ -478,7 +591,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cms_chunk_update_bwd_cpp(
   dispatch(ct, act, [&]<typename T, Act A>() {
     over_sequences(s, [&](const Sizes& g, int64_t b0) {
       auto part = [&](const Tensor& t) { return t.narrow(0, b0, g.B); };
-      backward_impl<T, A>(g, part(X), part(S1), part(S2), part(acts), lr, part(dO), part(dW1), part(dW2),
+      backward_impl<T, A>(g, K, part(X), part(S1), part(S2), part(acts), lr, part(dO), part(dW1), part(dW2),
                           part(dX), part(dV));
     });
   });
@@ -490,11 +603,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cms_chunk_update_bwd_cpp(
 TORCH_LIBRARY_FRAGMENT(nested_learning, m) {
   m.def(
       "cms_chunk_update_fwd_cpp(Tensor x, Tensor target, Tensor w1, Tensor w2, float lr, int chunk_size, "
-      "str activation, bool save_residuals) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str activation, bool save_residuals, int checkpoint_every) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cms_chunk_update_bwd_cpp(Tensor x, Tensor target, Tensor w1_starts, Tensor w2_starts, "
       "Tensor activations, float lr, int chunk_size, str activation, Tensor do, Tensor dw1_final, "
-      "Tensor dw2_final) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor dw2_final, int checkpoint_every) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nested_learning, CPU, m) {
