@@ -26,8 +26,11 @@ Backward, per chunk, last first (ten products):
 - ``_dx_kernel``      [C, d], K = h:  dX = δ dG1 + dz W1
 - ``_update_kernel``: dW1 += dzᵀ X,  dW2 += ēᵀ dp + dōᵀ a  (in place, after every reader of dG)
 
-The forward updates the weights in place, or, when the chunk-start weights are kept for the backward, reads
-W^(c) from ``w_starts[:, c]`` and writes W^(c+1) straight into ``w_starts[:, c + 1]`` (no extra copy).
+The forward updates the weights in place. When the residuals are kept it also copies the start weights of every
+K-th chunk (K = ``checkpoint_every``) into ``w_starts`` and, when K > 1, the final weights into its last slot. The
+backward reads a chunk's start weights from there or rebuilds them from the next chunk's by undoing that chunk's
+update with the update kernel (W1 = W1' + lr δᵀ X, W2 = W2' + lr ēᵀ a; δ and a come from the hidden kernel's
+backward pass), into one buffer per weight: stored weights grow with T / K rather than T.
 
 Precision. Weights, adjoints, residuals, chunk intermediates, accumulators and the element-wise math are fp32;
 only o, dx and dtarget are stored in the input dtype. bf16 inputs run every product on the tf32 tensor cores
@@ -336,11 +339,12 @@ def _blocks(cfg: _Config, C: int, cols: int, K: int) -> dict:
 
 def cms_chunk_update_fwd(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str,
-    save_residuals: bool,
+    save_residuals: bool, checkpoint_every: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(o [B, T, e] in x's dtype, w1_final [B, h, d], w2_final [B, e, h], w1_starts [B, N, h, d],
-    w2_starts [B, N, e, h], activations [B, T, 2h + e] = (z | p | ē)), all but o fp32; the last three are empty
-    [0] tensors unless save_residuals."""
+    """(o [B, T, e] in x's dtype, w1_final [B, h, d], w2_final [B, e, h], w1_starts [B, S, h, d],
+    w2_starts [B, S, e, h], activations [B, T, 2h + e] = (z | p | ē)), all but o fp32; the last three are empty
+    [0] tensors unless save_residuals. Slot j of the starts holds chunk jK's start weights (K =
+    checkpoint_every), a last slot the final weights when K > 1."""
     B, T, D = x.shape
     H, E = w1.shape[1], w2.shape[1]
     R = 2 * H + E  # residual row width
@@ -349,10 +353,11 @@ def cms_chunk_update_fwd(
     cfg = _config(x.dtype)
     dev, f32 = x.device, torch.float32
     w1f, w2f = w1.to(f32).clone(), w2.to(f32).clone()
+    K = checkpoint_every
     if save_residuals:
-        starts1 = torch.empty(B, n_chunks, H, D, dtype=f32, device=dev)
-        starts2 = torch.empty(B, n_chunks, E, H, dtype=f32, device=dev)
-        starts1[:, 0], starts2[:, 0] = w1f, w2f
+        slots = triton.cdiv(n_chunks, K) + (K > 1)
+        starts1 = torch.empty(B, slots, H, D, dtype=f32, device=dev)
+        starts2 = torch.empty(B, slots, E, H, dtype=f32, device=dev)
         acts = torch.empty(B, T, R, dtype=f32, device=dev)
     else:
         starts1, starts2, acts = (torch.empty(0, dtype=f32, device=dev) for _ in range(3))
@@ -366,14 +371,10 @@ def cms_chunk_update_fwd(
         n = min(chunk_size, T - t0)
         # (tensor, batch stride, offset) of the chunk's residual rows, its start weights and the next ones
         r = (acts, T * R, t0 * R) if save_residuals else (chunk_residuals, C * R, 0)
-        if save_residuals:
-            src1, src2 = (starts1, n_chunks * H * D, c * H * D), (starts2, n_chunks * E * H, c * E * H)
-            last = c + 1 == n_chunks
-            dst1 = (w1f, H * D, 0) if last else (starts1, n_chunks * H * D, (c + 1) * H * D)
-            dst2 = (w2f, E * H, 0) if last else (starts2, n_chunks * E * H, (c + 1) * E * H)
-        else:
-            src1 = dst1 = (w1f, H * D, 0)
-            src2 = dst2 = (w2f, E * H, 0)
+        if save_residuals and c % K == 0:
+            starts1[:, c // K], starts2[:, c // K] = w1f, w2f
+        src1 = dst1 = (w1f, H * D, 0)
+        src2 = dst2 = (w2f, E * H, 0)
         _launch(_hidden_kernel, _grid(n, H, hid, B), x, src1[0], r[0], a, a, a, a, t0, n, 1.0, T, *src1[1:], *r[1:],
                 D=D, H=H, E=E, CB=C, ACT=act, BWD=False, **hid)
         _launch(_output_kernel, _grid(n, E, out, B), a, src2[0], w2f, a, r[0], target, x, o, a, target, t0, n, 0.0, T,
@@ -382,6 +383,8 @@ def cms_chunk_update_fwd(
                 H=H, E=E, CB=C, ACT=act, BWD=False, **dlt)
         _update(cfg, B, C, n, -lr, ((r[0], r[1], r[2] + 2 * H, R), (a, C * H, 0, H)), None, src2, dst2, E, H)
         _update(cfg, B, C, n, -lr, ((delta, C * H, 0, H), (x, T * D, t0 * D, D)), None, src1, dst1, H, D)
+    if save_residuals and K > 1:
+        starts1[:, -1], starts2[:, -1] = w1f, w2f
     return o, w1f, w2f, starts1, starts2, acts
 
 
@@ -397,11 +400,13 @@ def cms_chunk_update_bwd(
     do: Tensor,
     dw1_final: Tensor,
     dw2_final: Tensor,
+    checkpoint_every: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx in x's dtype, dtarget in target's, dw1 [B, h, d], dw2 [B, e, h] fp32): one reverse sweep over the
-    chunks, reading each chunk's start weights and residuals."""
+    chunks, reading each chunk's residuals and its stored or rebuilt start weights."""
     B, T, D = x.shape
-    n_chunks, H, E = w1_starts.shape[1], w1_starts.shape[2], w2_starts.shape[2]
+    n_chunks, H, E = triton.cdiv(T, chunk_size), w1_starts.shape[2], w2_starts.shape[2]
+    K, slots = checkpoint_every, w1_starts.shape[1]
     R = 2 * H + E  # residual row width
     C = min(chunk_size, T)
     cfg = _config(x.dtype)
@@ -412,18 +417,34 @@ def cms_chunk_update_bwd(
     dob = torch.empty(B, C, E, dtype=f32, device=dev)
     act = _ACTIVATIONS.index(activation)
     hid, out, dlt, dxb = _blocks(cfg, C, H, D), _blocks(cfg, C, E, H), _blocks(cfg, C, H, E), _blocks(cfg, C, D, H)
-    s_w1, s_w2, lr = n_chunks * H * D, n_chunks * E * H, float(lr)
+    w1r, w2r = (torch.empty_like(dw1), torch.empty_like(dw2)) if K > 1 else (None, None)  # rebuilt start weights
+    lr = float(lr)
+
+    def stored(c: int) -> tuple[tuple, tuple]:
+        """(W1, W2) as (tensor, batch stride, offset) of the stored start weights of chunk c (jK or the end)."""
+        j = slots - 1 if c == n_chunks else c // K
+        return (w1_starts, slots * H * D, j * H * D), (w2_starts, slots * E * H, j * E * H)
+
     for c in reversed(range(n_chunks)):
         t0 = c * chunk_size
         n = min(chunk_size, T - t0)
-        o_w1, o_w2, o_r = c * H * D, c * E * H, t0 * R
+        o_r = t0 * R
         _launch(_hidden_kernel, _grid(n, H, hid, B), x, dw1, activations, a, dp, delta, dz, t0, n, -lr, T, H * D, 0,
                 T * R, o_r, D=D, H=H, E=E, CB=C, ACT=act, BWD=True, **hid)
-        _launch(_output_kernel, _grid(n, E, out, B), a, w2_starts, dw2, dp, activations, target, do, do, dob, dv,
+        if c % K == 0:
+            (w1c, s_w1, o_w1), (w2c, s_w2, o_w2) = stored(c)
+        else:  # undo chunk c's update on the next chunk's start weights
+            nxt1, nxt2 = stored(c + 1) if (c + 1) % K == 0 or c + 1 == n_chunks else ((w1r, H * D, 0), (w2r, E * H, 0))
+            (w1c, s_w1, o_w1), (w2c, s_w2, o_w2) = (w1r, H * D, 0), (w2r, E * H, 0)
+            _update(cfg, B, C, n, lr, ((activations, T * R, o_r + 2 * H, R), (a, C * H, 0, H)), None, nxt2,
+                    (w2r, E * H, 0), E, H)
+            _update(cfg, B, C, n, lr, ((delta, C * H, 0, H), (x, T * D, t0 * D, D)), None, nxt1, (w1r, H * D, 0),
+                    H, D)
+        _launch(_output_kernel, _grid(n, E, out, B), a, w2c, dw2, dp, activations, target, do, do, dob, dv,
                 t0, n, lr, T, s_w2, o_w2, T * R, o_r, H=H, E=E, CB=C, BWD=True, **out)
-        _launch(_delta_kernel, _grid(n, H, dlt, B), activations, w2_starts, dw2, dob, delta, dz, n, lr, s_w2, o_w2,
+        _launch(_delta_kernel, _grid(n, H, dlt, B), activations, w2c, dw2, dob, delta, dz, n, lr, s_w2, o_w2,
                 T * R, o_r, H=H, E=E, CB=C, ACT=act, BWD=True, **dlt)
-        _launch(_dx_kernel, _grid(n, D, dxb, B), delta, dw1, dz, w1_starts, dx, t0, n, lr, T, s_w1, o_w1,
+        _launch(_dx_kernel, _grid(n, D, dxb, B), delta, dw1, dz, w1c, dx, t0, n, lr, T, s_w1, o_w1,
                 D=D, H=H, CB=C, **dxb)
         _update(cfg, B, C, n, 1.0, ((dz, C * H, 0, H), (x, T * D, t0 * D, D)), None, (dw1, H * D, 0), (dw1, H * D, 0),
                 H, D)

@@ -97,7 +97,8 @@ def bench_cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         return [main]
     return [main, _case(torch.float32, 2, 2048, 256, 1024, 16), _case(torch.bfloat16, 2, 2048, 256, 1024, 64),
-            _case(torch.float32, 4, 1024, 128, 512, 64, "silu")]
+            _case(torch.float32, 4, 1024, 128, 512, 64, "silu"),
+            _case(torch.float32, 4, 1024, 256, 1024, 8)]  # HOPE's shortest level at the block benchmark's size
 
 
 def work(case: Case, mode: str) -> tuple[float, float]:

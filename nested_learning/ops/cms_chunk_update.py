@@ -13,9 +13,11 @@ Forward and backward are the custom ops ``nested_learning::cms_chunk_update`` an
 per-token activations (z, W2ᵀe, e) and chunk-start weights (never per token); the backward is
 then one reverse sweep of ten GEMMs per chunk with no forward recompute. A backend may keep the
 start weights of every K-th chunk only (plus the final ones) and rebuild the others in its
-backward by undoing one chunk's update, W^(c) = W^(c+1) + lr Σ_{t∈c} ∇_W ℓ_t(W^(c)): the C++
-backend does for chunks under 128 tokens, which cuts the residuals K-fold (1 GiB to 64 MiB for a
-width-1024 level over 4 × 1024 tokens in chunks of 8) and keeps its weights in cache.
+backward by undoing one chunk's update, W^(c) = W^(c+1) + lr Σ_{t∈c} ∇_W ℓ_t(W^(c)). The C++
+backend keeps one start per 128 tokens, which cuts the residuals K-fold (1 GiB to 72 MiB for a
+width-1024 level over 4 × 1024 tokens in chunks of 8) and keeps its weights in cache; the Triton
+backend one per 512 tokens, so that a level of width 4096 over 4096 tokens keeps 9 weight pairs per
+sequence rather than 512 (288 MiB rather than 16 GiB).
 """
 
 from __future__ import annotations
@@ -35,14 +37,11 @@ __all__ = ["cms_chunk_update", "BACKEND_FUNCTIONS", "ACTIVATIONS"]
 class _Backend(NamedTuple):
     forward: Callable[..., tuple[Tensor, ...]]
     backward: Callable[..., tuple[Tensor, ...]]
-    checkpoint_every: Callable[[int], int] = lambda chunk_size: 1
+    segment_tokens: int = 1  # the start weights of one chunk per this many tokens are kept (at least every chunk's)
 
-
-_SEGMENT_TOKENS = 128  # the C++ backend keeps the start weights of one chunk per segment of this many tokens
-
-
-def _cpp_checkpoint_every(chunk_size: int) -> int:
-    return max(1, _SEGMENT_TOKENS // chunk_size)
+    def checkpoint_every(self, chunk_size: int) -> int:
+        """K: the backward reads the start weights of every K-th chunk and rebuilds the others."""
+        return max(1, self.segment_tokens // chunk_size)
 
 
 def _weight_slots(n_chunks: int, checkpoint_every: int) -> int:
@@ -53,31 +52,35 @@ def _weight_slots(n_chunks: int, checkpoint_every: int) -> int:
 # ----------------------------------------------------------------------------- backends
 # Contract shared by every backend: contiguous x [B, T, d] and target [B, T, e] of one dtype D;
 # w1 [B, h, d] and w2 [B, e, h] in the compute dtype (float64 when D is float64, else float32).
-# forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals) returns
+# forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals, checkpoint_every) returns
 #   (o [B, T, e] in D, w1_final, w2_final, w1_starts [B, S, h, d], w2_starts [B, S, e, h],
 #    activations [B, T, 2h + e] = (z | W2ᵀe | e)), all but o in the compute dtype; the last three
-#   are empty [0] tensors when not save_residuals. With K = checkpoint_every(chunk_size) and
-#   N = ceil(T / chunk_size) chunks, slot j of the starts is chunk jK's start weights, and a last
-#   slot holds the final weights when K > 1: S = _weight_slots(N, K);
+#   are empty [0] tensors when not save_residuals. With K = checkpoint_every (the backend's
+#   checkpoint_every(chunk_size)) and N = ceil(T / chunk_size) chunks, slot j of the starts is
+#   chunk jK's start weights, and a last slot holds the final weights when K > 1:
+#   S = _weight_slots(N, K);
 # backward(x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do,
-#   dw1_final, dw2_final) returns (dx in D, dtarget in D, dw1, dw2 in the compute dtype).
+#   dw1_final, dw2_final, checkpoint_every) returns (dx in D, dtarget in D, dw1, dw2 in the
+#   compute dtype).
 
 
-def _reference_forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals):
+def _reference_forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals, checkpoint_every):
+    assert checkpoint_every == 1, "the reference backend keeps every chunk's start weights"
     outs = reference.cms_chunk_update.chunked_with_residuals(x, target, w1, w2, lr, chunk_size, activation)
     return outs if save_residuals else (*outs[:3], *(w1.new_empty(0) for _ in range(3)))
 
 
 def _reference_backward(*args):
-    return reference.cms_chunk_update.chunked_backward(*args)
+    assert args[-1] == 1, "the reference backend keeps every chunk's start weights"
+    return reference.cms_chunk_update.chunked_backward(*args[:-1])
 
 
 def _cpp_forward(*args):
-    return torch.ops.nested_learning.cms_chunk_update_fwd_cpp(*args, _cpp_checkpoint_every(args[5]))
+    return torch.ops.nested_learning.cms_chunk_update_fwd_cpp(*args)
 
 
 def _cpp_backward(*args):
-    return torch.ops.nested_learning.cms_chunk_update_bwd_cpp(*args, _cpp_checkpoint_every(args[6]))
+    return torch.ops.nested_learning.cms_chunk_update_bwd_cpp(*args)
 
 
 def _triton_kernels():
@@ -96,8 +99,8 @@ def _triton_backward(*args):
 
 BACKEND_FUNCTIONS: dict[str, _Backend] = {
     "reference": _Backend(_reference_forward, _reference_backward),
-    "cpp": _Backend(_cpp_forward, _cpp_backward, _cpp_checkpoint_every),
-    "triton": _Backend(_triton_forward, _triton_backward),
+    "cpp": _Backend(_cpp_forward, _cpp_backward, segment_tokens=128),  # measured on CPU
+    "triton": _Backend(_triton_forward, _triton_backward, segment_tokens=512),  # sized for GPU memory, untimed
 }
 
 
@@ -115,7 +118,9 @@ def _backend(x: Tensor) -> _Backend:
 def _cms_chunk_update(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str, save_residuals: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = _backend(x).forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals)
+    backend = _backend(x)
+    outs = backend.forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals,
+                           backend.checkpoint_every(chunk_size))
     return tuple(t.contiguous() for t in outs)  # type: ignore[return-value]
 
 
@@ -150,9 +155,10 @@ def _cms_chunk_update_bwd(
     dw1_final: Tensor,
     dw2_final: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _backend(x).backward(
+    backend = _backend(x)
+    grads = backend.backward(
         x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do.contiguous(),
-        dw1_final.contiguous(), dw2_final.contiguous(),
+        dw1_final.contiguous(), dw2_final.contiguous(), backend.checkpoint_every(chunk_size),
     )
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 

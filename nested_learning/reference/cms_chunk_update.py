@@ -141,12 +141,15 @@ def _chunk_forward(act: Activation, X: Tensor, V: Tensor, W1: Tensor, W2: Tensor
 
 
 def chunked_with_residuals(
-    x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation_name: str = "gelu"
+    x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation_name: str = "gelu",
+    checkpoint_every: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`chunked` that also returns what the backward reads: the chunk-start weights
     ``w1_starts [B, N, h, d]`` and ``w2_starts [B, N, e, h]`` (N = ⌈T / chunk_size⌉; index 0
     holds w1, w2) and the per-token activations ``[B, T, 2h + e]`` = (z | p | e), with
-    z = W1 x, p = W2ᵀ e and e = o − v, all in the compute dtype."""
+    z = W1 x, p = W2ᵀ e and e = o − v, all in the compute dtype. With ``checkpoint_every`` K > 1
+    the starts are those a backend keeps when it rebuilds the others: chunks 0, K, 2K, … and then
+    the final weights."""
     act = activation(activation_name)
     ct = compute_dtype(x)
     X, V = x.to(ct), target.to(ct)
@@ -159,6 +162,9 @@ def chunked_with_residuals(
         outputs.append(c.o)
         acts.append(torch.cat([c.z, c.p, c.e], -1))
         W1, W2 = W1 - lr * c.g1, W2 - lr * c.g2
+    K = checkpoint_every
+    if K > 1:
+        starts1, starts2 = starts1[::K] + [W1], starts2[::K] + [W2]
     starts = torch.stack(starts1, 1), torch.stack(starts2, 1)
     return torch.cat(outputs, 1).to(x.dtype), W1, W2, *starts, torch.cat(acts, 1)
 

@@ -2,10 +2,12 @@
 float64 reference, and its shared memory on sm_90 (ahead-of-time compile, no GPU needed).
 
 Accuracy rule (``nested_learning.testing``): the relative Frobenius error of o, the final weights, the saved
-residuals (chunk-start weights and per-token activations) and all four gradients against ``reference.chunked``
+residuals (the kept chunk-start weights and per-token activations) and all four gradients against ``reference.chunked``
 in float64 (on the inputs as the kernels see them, 16-bit ones upcast) must stay within 2 × the error of the
 PyTorch references (the token loop and the chunked form, computing from the same inputs) + the dtype's unit
-roundoff. The forward without saved residuals must give the same o and final weights, bit for bit.
+roundoff. The forward without saved residuals must give the same o and final weights, bit for bit. The backend
+keeps the start weights of one chunk per 512 tokens (here: the first chunk and the final weights) and rebuilds
+the others; the raw kernels are also checked with every start kept and with a stride in between.
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which
 reproduces the rounding of 16-bit tensor-core operands but not the products' accumulation order.
@@ -29,6 +31,7 @@ if __name__ != "__main__" and not torch.cuda.is_available() and os.environ.get("
 import nested_learning  # noqa: E402
 from nested_learning import testing  # noqa: E402
 from nested_learning.kernels import cms_chunk_update as kernels  # noqa: E402
+from nested_learning.ops.cms_chunk_update import BACKEND_FUNCTIONS  # noqa: E402
 from nested_learning.reference import cms_chunk_update as reference  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -71,9 +74,11 @@ def _reference(fn, inp, chunk_size, activation, upcast):
     return dict(zip(NAMES, (o, w1f, w2f, *torch.autograd.grad((o, w1f, w2f), leaves, cot))))
 
 
-def _residuals(inp, chunk_size, activation, upcast):
+def _residuals(inp, chunk_size, activation, upcast, K=None):
+    """The reference's residuals as the triton backend keeps them (its own stride K unless given)."""
+    K = BACKEND_FUNCTIONS["triton"].checkpoint_every(chunk_size) if K is None else K
     args = [inp[n].double() if upcast else inp[n] for n in ("x", "target", "w1", "w2")]
-    outs = reference.chunked_with_residuals(*args, LR, chunk_size, activation)
+    outs = reference.chunked_with_residuals(*args, LR, chunk_size, activation, K)
     return dict(zip(RESIDUALS, outs[3:]))
 
 
@@ -114,6 +119,30 @@ def test_matches_reference(case, monkeypatch):
     assert not failures, f"{case}: {failures}"
 
 
+@pytest.mark.parametrize("case", ["fp32-gelu-partial", "bf16-tiled"])
+@pytest.mark.parametrize("K", [1, 2])
+def test_stride_of_kept_starts(case, K, monkeypatch):
+    # the raw kernels with every start kept (K = 1) and with every second one: residuals and gradients
+    B, T, d, h, e, chunk_size, activation, dtype, cap = CASES[case]
+    if cap is not None:
+        small = dataclasses.replace(kernels._config(dtype), BM=cap, BN=cap, BK=cap, BW=cap, BKW=cap)
+        monkeypatch.setattr(kernels, "_config", lambda _dtype: small)
+    inp = _inputs(B, T, d, h, e, dtype)
+    dev = {n: t.to(DEVICE) for n, t in inp.items()}
+    args = (dev["x"], dev["target"], dev["w1"], dev["w2"], LR, chunk_size, activation)
+    outs = kernels.cms_chunk_update_fwd(*args, True, K)
+    grads = kernels.cms_chunk_update_bwd(*args[:2], *outs[3:], *args[4:], dev["do"], dev["dw1"], dev["dw2"], K)
+    mine = {n: t.cpu() for n, t in zip(RESIDUALS + NAMES[3:], (*outs[3:], *grads))}
+    exact = _reference(reference.chunked, inp, chunk_size, activation, upcast=True)
+    refs = [_reference(fn, inp, chunk_size, activation, upcast=False) for fn in (reference.chunked, reference.recurrent)]
+    pick = lambda r: {n: r[n] for n in NAMES[3:]}  # noqa: E731
+    verdicts = testing.judge({n: mine[n] for n in NAMES[3:]}, pick(exact), [pick(r) for r in refs], dtype)
+    verdicts += testing.judge({n: mine[n] for n in RESIDUALS}, _residuals(inp, chunk_size, activation, True, K),
+                              [_residuals(inp, chunk_size, activation, False, K)], dtype)
+    failures = [v for v in verdicts if not v.passed]
+    assert not failures, f"{case}, K={K}: {failures}"
+
+
 # ----------------------------------------------------------------------------- sm_90 shared memory
 
 
@@ -140,9 +169,10 @@ def _compile_sm90(dtype: torch.dtype) -> list[dict]:
     d, h, e, C = TARGET["d"], TARGET["h"], TARGET["e"], TARGET["chunk_size"]
     x, v = torch.zeros(1, C + 16, d, dtype=dtype), torch.zeros(1, C + 16, e, dtype=dtype)
     w1, w2 = torch.zeros(1, h, d), torch.zeros(1, e, h)
-    kernels.cms_chunk_update_fwd(x, v, w1, w2, LR, C, "gelu", False)
-    _, _, _, s1, s2, acts = kernels.cms_chunk_update_fwd(x, v, w1, w2, LR, C, "gelu", True)
-    kernels.cms_chunk_update_bwd(x, v, s1, s2, acts, LR, C, "gelu", v, w1, w2)
+    K = 2  # two chunks: the first start kept, the second rebuilt
+    kernels.cms_chunk_update_fwd(x, v, w1, w2, LR, C, "gelu", False, K)
+    _, _, _, s1, s2, acts = kernels.cms_chunk_update_fwd(x, v, w1, w2, LR, C, "gelu", True, K)
+    kernels.cms_chunk_update_bwd(x, v, s1, s2, acts, LR, C, "gelu", v, w1, w2, K)
     report = []
     for kernel, signature, meta, options, attrs in launches.values():
         source = triton.compiler.ASTSource(kernel, signature, meta, attrs)
