@@ -13,11 +13,12 @@ Forward and backward are the custom ops ``nested_learning::cms_chunk_update`` an
 per-token activations (z, W2ᵀe, e) and chunk-start weights (never per token); the backward is
 then one reverse sweep of ten GEMMs per chunk with no forward recompute. A backend may keep the
 start weights of every K-th chunk only (plus the final ones) and rebuild the others in its
-backward by undoing one chunk's update, W^(c) = W^(c+1) + lr Σ_{t∈c} ∇_W ℓ_t(W^(c)). The C++
-backend keeps one start per 128 tokens, which cuts the residuals K-fold (1 GiB to 72 MiB for a
-width-1024 level over 4 × 1024 tokens in chunks of 8) and keeps its weights in cache; the Triton
-backend one per 512 tokens, so that a level of width 4096 over 4096 tokens keeps 9 weight pairs per
-sequence rather than 512 (288 MiB rather than 16 GiB).
+backward by undoing one chunk's update, W^(c) = W^(c+1) + lr Σ_{t∈c} ∇_W ℓ_t(W^(c)). Every backend
+keeps the same layout for a device, so a compiled graph never depends on the backend: on CPU one
+start per 128 tokens, which cuts the residuals K-fold (1 GiB to 72 MiB for a width-1024 level over
+4 × 1024 tokens in chunks of 8) and lets the C++ backend keep its weights in cache; on GPU one per
+512 tokens, so that a level of width 4096 over 4096 tokens keeps 9 weight pairs per sequence rather
+than 512 (288 MiB rather than 16 GiB).
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ __all__ = ["cms_chunk_update", "BACKEND_FUNCTIONS", "ACTIVATIONS"]
 class _Backend(NamedTuple):
     forward: Callable[..., tuple[Tensor, ...]]
     backward: Callable[..., tuple[Tensor, ...]]
-    segment_tokens: int = 1  # the start weights of one chunk per this many tokens are kept (at least every chunk's)
 
-    def checkpoint_every(self, chunk_size: int) -> int:
-        """K: the backward reads the start weights of every K-th chunk and rebuilds the others."""
-        return max(1, self.segment_tokens // chunk_size)
+
+# Tokens per kept chunk start: CPU measured (the C++ backward as fast as with every start stored),
+# GPU sized for memory and not timed.
+_SEGMENT_TOKENS = {"cpu": 128, "cuda": 512}
+
+
+def checkpoint_every(device: torch.device, chunk_size: int) -> int:
+    """K: the backward reads the start weights of every K-th chunk and rebuilds the others."""
+    return max(1, _SEGMENT_TOKENS.get(device.type, 1) // chunk_size)
 
 
 def _weight_slots(n_chunks: int, checkpoint_every: int) -> int:
@@ -55,8 +61,8 @@ def _weight_slots(n_chunks: int, checkpoint_every: int) -> int:
 # forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals, checkpoint_every) returns
 #   (o [B, T, e] in D, w1_final, w2_final, w1_starts [B, S, h, d], w2_starts [B, S, e, h],
 #    activations [B, T, 2h + e] = (z | W2ᵀe | e)), all but o in the compute dtype; the last three
-#   are empty [0] tensors when not save_residuals. With K = checkpoint_every (the backend's
-#   checkpoint_every(chunk_size)) and N = ceil(T / chunk_size) chunks, slot j of the starts is
+#   are empty [0] tensors when not save_residuals. With K = checkpoint_every (the device's
+#   checkpoint_every(device, chunk_size)) and N = ceil(T / chunk_size) chunks, slot j of the starts is
 #   chunk jK's start weights, and a last slot holds the final weights when K > 1:
 #   S = _weight_slots(N, K);
 # backward(x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do,
@@ -65,14 +71,13 @@ def _weight_slots(n_chunks: int, checkpoint_every: int) -> int:
 
 
 def _reference_forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals, checkpoint_every):
-    assert checkpoint_every == 1, "the reference backend keeps every chunk's start weights"
-    outs = reference.cms_chunk_update.chunked_with_residuals(x, target, w1, w2, lr, chunk_size, activation)
+    outs = reference.cms_chunk_update.chunked_with_residuals(x, target, w1, w2, lr, chunk_size, activation,
+                                                             checkpoint_every)
     return outs if save_residuals else (*outs[:3], *(w1.new_empty(0) for _ in range(3)))
 
 
 def _reference_backward(*args):
-    assert args[-1] == 1, "the reference backend keeps every chunk's start weights"
-    return reference.cms_chunk_update.chunked_backward(*args[:-1])
+    return reference.cms_chunk_update.chunked_backward(*args)
 
 
 def _cpp_forward(*args):
@@ -99,8 +104,8 @@ def _triton_backward(*args):
 
 BACKEND_FUNCTIONS: dict[str, _Backend] = {
     "reference": _Backend(_reference_forward, _reference_backward),
-    "cpp": _Backend(_cpp_forward, _cpp_backward, segment_tokens=128),  # measured on CPU
-    "triton": _Backend(_triton_forward, _triton_backward, segment_tokens=512),  # sized for GPU memory, untimed
+    "cpp": _Backend(_cpp_forward, _cpp_backward),
+    "triton": _Backend(_triton_forward, _triton_backward),
 }
 
 
@@ -118,9 +123,8 @@ def _backend(x: Tensor) -> _Backend:
 def _cms_chunk_update(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str, save_residuals: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    backend = _backend(x)
-    outs = backend.forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals,
-                           backend.checkpoint_every(chunk_size))
+    outs = _backend(x).forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals,
+                               checkpoint_every(x.device, chunk_size))
     return tuple(t.contiguous() for t in outs)  # type: ignore[return-value]
 
 
@@ -131,7 +135,7 @@ def _n_chunks(T: int, chunk_size: int) -> int:
 @_cms_chunk_update.register_fake
 def _(x, target, w1, w2, lr, chunk_size, activation, save_residuals):
     B, T, _ = x.shape
-    S = _weight_slots(_n_chunks(T, chunk_size), _backend(x).checkpoint_every(chunk_size))
+    S = _weight_slots(_n_chunks(T, chunk_size), checkpoint_every(x.device, chunk_size))
     h, e = w1.shape[1], w2.shape[1]
     residuals = (
         (w1.new_empty(B, S, h, x.shape[-1]), w2.new_empty(B, S, e, h), w1.new_empty(B, T, 2 * h + e))
@@ -155,10 +159,9 @@ def _cms_chunk_update_bwd(
     dw1_final: Tensor,
     dw2_final: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = _backend(x)
-    grads = backend.backward(
+    grads = _backend(x).backward(
         x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do.contiguous(),
-        dw1_final.contiguous(), dw2_final.contiguous(), backend.checkpoint_every(chunk_size),
+        dw1_final.contiguous(), dw2_final.contiguous(), checkpoint_every(x.device, chunk_size),
     )
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 

@@ -188,11 +188,15 @@ def chunked_backward(
     do: Tensor,
     dw1_final: Tensor,
     dw2_final: Tensor,
+    checkpoint_every: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dtarget, dw1, dw2)`` of :func:`chunked` for cotangents ``do`` of the
     outputs and ``dw1_final``/``dw2_final`` of the final weights, given the chunk-start weights
     and activations of :func:`chunked_with_residuals` (dx, dtarget in x's and target's dtypes,
-    dw in the compute dtype). No forward GEMM is redone: a = σ(z) is elementwise.
+    dw in the compute dtype). No forward GEMM is redone: a = σ(z) is elementwise. With
+    ``checkpoint_every`` K > 1 the starts hold every K-th chunk's and the final weights; the other
+    chunks' starts are rebuilt from the next chunk's by undoing its update:
+    W1^(c) = W1^(c+1) + lr δᵀ X,  W2^(c) = W2^(c+1) + lr eᵀ a.
 
     Reverse sweep per chunk, with dW^(c+1) the adjoint of the next chunk-start weights,
     dG = −lr dW^(c+1) and q = p ⊙ σ'(z) = δ:
@@ -212,10 +216,16 @@ def chunked_backward(
     dO = do.to(ct)
     dW1, dW2 = dw1_final.to(ct), dw2_final.to(ct)
     dX, dV = torch.empty_like(X), torch.empty(target.shape, dtype=ct, device=x.device)
+    K = checkpoint_every
+    W1, W2 = w1_starts[:, -1], w2_starts[:, -1]  # when K > 1: the final weights, chunk N's start
     for i in reversed(range(len(spans))):
-        span, W1, W2 = spans[i], w1_starts[:, i], w2_starts[:, i]
+        span = spans[i]
         Xc, z, p, e = X[:, span], Z[:, span], P[:, span], E[:, span]
         a, s1 = act.f(z), act.d1(z)
+        if i % K == 0:
+            W1, W2 = w1_starts[:, i // K], w2_starts[:, i // K]
+        else:
+            W1, W2 = W1 + lr * (p * s1).transpose(1, 2) @ Xc, W2 + lr * e.transpose(1, 2) @ a
         dG1, dG2 = -lr * dW1, -lr * dW2
         dq = Xc @ dG1.transpose(1, 2)
         dp = dq * s1

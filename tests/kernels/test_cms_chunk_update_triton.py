@@ -5,9 +5,10 @@ Accuracy rule (``nested_learning.testing``): the relative Frobenius error of o, 
 residuals (the kept chunk-start weights and per-token activations) and all four gradients against ``reference.chunked``
 in float64 (on the inputs as the kernels see them, 16-bit ones upcast) must stay within 2 × the error of the
 PyTorch references (the token loop and the chunked form, computing from the same inputs) + the dtype's unit
-roundoff. The forward without saved residuals must give the same o and final weights, bit for bit. The backend
-keeps the start weights of one chunk per 512 tokens (here: the first chunk and the final weights) and rebuilds
-the others; the raw kernels are also checked with every start kept and with a stride in between.
+roundoff. The forward without saved residuals must give the same o and final weights, bit for bit. The op keeps
+the start weights of one chunk per 128 tokens on CPU, 512 on GPU (here: the first chunk and the final weights)
+and the backward rebuilds the others; the raw kernels are also checked with every start kept and with a stride
+in between.
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which
 reproduces the rounding of 16-bit tensor-core operands but not the products' accumulation order.
@@ -31,7 +32,7 @@ if __name__ != "__main__" and not torch.cuda.is_available() and os.environ.get("
 import nested_learning  # noqa: E402
 from nested_learning import testing  # noqa: E402
 from nested_learning.kernels import cms_chunk_update as kernels  # noqa: E402
-from nested_learning.ops.cms_chunk_update import BACKEND_FUNCTIONS  # noqa: E402
+from nested_learning.ops.cms_chunk_update import checkpoint_every  # noqa: E402
 from nested_learning.reference import cms_chunk_update as reference  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -76,7 +77,7 @@ def _reference(fn, inp, chunk_size, activation, upcast):
 
 def _residuals(inp, chunk_size, activation, upcast, K=None):
     """The reference's residuals as the triton backend keeps them (its own stride K unless given)."""
-    K = BACKEND_FUNCTIONS["triton"].checkpoint_every(chunk_size) if K is None else K
+    K = checkpoint_every(DEVICE, chunk_size) if K is None else K
     args = [inp[n].double() if upcast else inp[n] for n in ("x", "target", "w1", "w2")]
     outs = reference.chunked_with_residuals(*args, LR, chunk_size, activation, K)
     return dict(zip(RESIDUALS, outs[3:]))

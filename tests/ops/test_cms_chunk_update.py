@@ -54,6 +54,12 @@ def test_chunked_and_analytic_backward_equal_token_loop_in_float64(activation, c
     manual = ref.chunked_backward(x, v, s1, s2, acts, 0.1, chunk_size, activation, *cots)
     for a, b in zip(manual, loop[3:]):
         assert testing.relative_error(a, b) < 1e-13
+    for K in (2, 3, 64):  # starts kept every K chunks (and the final weights), the others rebuilt
+        _, _, _, k1, k2, _ = ref.chunked_with_residuals(x, v, w1, w2, 0.1, chunk_size, activation, K)
+        assert k1.shape[1] == -(-s1.shape[1] // K) + 1
+        rebuilt = ref.chunked_backward(x, v, k1, k2, acts, 0.1, chunk_size, activation, *cots, K)
+        for a, b in zip(rebuilt, loop[3:]):
+            assert testing.relative_error(a, b) < 1e-13
 
 
 def test_one_token_by_hand():
