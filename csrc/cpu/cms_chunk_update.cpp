@@ -12,21 +12,23 @@
 // read back, σ, σ', σ'' elementwise from Z: no forward GEMM is redone). A chunk's start weights
 // are a checkpoint, or are rebuilt from the next chunk's by undoing its update,
 //     W1^(c) = W1^(c+1) + lr Qᵀ X,   W2^(c) = W2^(c+1) + lr Eᵀ A,
-// two rank-L GEMMs on cache-resident weights instead of reading a stored copy from memory;
+// two rank-L updates of cache-resident weights instead of reading a stored copy from memory;
 // restarting from a checkpoint every K chunks bounds the rounding of the rebuilt weights.
 //     dq = −lr X dW1ᵀ;  dp = dq ⊙ σ'(Z)
 //     de = dp W2ᵀ − lr A dW2ᵀ;  dŌ = dO + de;  dV = −de
 //     da = dŌ W2 − lr E dW2;  dz = da ⊙ σ'(Z) + dq ⊙ P ⊙ σ''(Z);  δ = P ⊙ σ'(Z)
 //     dX = dz W1 − lr δ dW1
 //     dW1 += dzᵀ X;  dW2 += Eᵀ dp + dŌᵀ A
-// Ten GEMM products per chunk (twelve on rebuilt chunks), five in the forward.
+// Ten products per chunk (twelve on rebuilt chunks), five in the forward.
 //
-// Every product is a batched GEMM (ATen's bmm/baddbmm: the BLAS torch was built with); the
-// elementwise work between two GEMMs is one vectorised pass over the chunk's rows. When the B
-// sequences split evenly over the intra-op threads, each thread runs its own sequences with
-// single-threaded GEMMs, with no synchronisation inside the chunk loop; otherwise every GEMM and
-// pass is shared by all threads. A thread runs its sequences one after the other, so that the
-// weights, their updates and adjoints of one sequence (4(hd + eh) floats) stay in cache. Chunk buffers are allocated once per call and viewed compactly
+// Products into token rows are batched GEMMs (ATen's bmm/baddbmm: the BLAS torch was built
+// with); the weight and adjoint updates are rank-L products, one fused register-tiled pass
+// (rank_update) for chunks of up to 16 tokens, else a GEMM and an add. The elementwise work
+// between two products is one vectorised pass over the chunk's rows. When the B sequences split
+// evenly over the intra-op threads, each thread runs its own sequences one after the other, with
+// single-threaded GEMMs and no synchronisation inside the chunk loop, so that one sequence's
+// weights, updates and adjoints (4(hd + eh) floats) stay in cache; otherwise every product and
+// pass is shared by all threads. Chunk buffers are allocated once per call and viewed compactly
 // as [B, L, ·] per chunk (L its length).
 //
 // Tokens of any input dtype are converted to the compute dtype (float64 for float64 x, else
@@ -490,9 +492,10 @@ Sizes make_sizes(const Tensor& x, const Tensor& target, int64_t h, int64_t chunk
 }
 
 // f(sizes of a group of sequences, its first sequence) over all B sequences. When they split evenly
-// over the intra-op threads, each thread runs its own group with single-threaded GEMMs and passes
-// (the BLAS runs sequentially inside a parallel region): no synchronisation inside the chunk loop.
-// Otherwise one group of B, whose GEMMs and passes use all the threads.
+// over the intra-op threads, each thread runs its sequences one at a time (groups of one) with
+// single-threaded GEMMs and passes (the BLAS runs sequentially inside a parallel region): no
+// synchronisation inside the chunk loop, one sequence's weights in cache. Otherwise one group of B,
+// whose GEMMs and passes use all the threads.
 template <typename F>
 void over_sequences(const Sizes& s, const F& f) {
   const int64_t threads = at::get_num_threads();
