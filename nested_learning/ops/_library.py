@@ -27,6 +27,7 @@ __all__ = [
     "HAS_EXT",
     "EXT_ERROR",
     "HAS_TRITON",
+    "autocast",
     "available",
     "forced_backend",
     "select",
@@ -75,6 +76,17 @@ def available(backend: str, device: torch.device) -> tuple[bool, str]:
             return True, ""
         return False, f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The activations an op takes, in the autocast dtype when autocast is on for their device
+    (float32/bfloat16/float16 ones; float64 stays), else unchanged: the ops run in the precision
+    the surrounding matmuls do, as ``torch.nn.functional.linear`` would."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t for t in tensors)
 
 
 def forced_backend() -> Optional[str]:

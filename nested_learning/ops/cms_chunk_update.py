@@ -222,7 +222,8 @@ def cms_chunk_update(
 
     Args:
         x: ``[B, T, d]`` inputs (float32, bfloat16, float16 or float64).
-        target: ``[B, T, e]`` regression targets v_t of the local loss, x's dtype.
+        target: ``[B, T, e]`` regression targets v_t of the local loss, x's dtype (under
+            autocast, x and target of 16/32 bits are cast to the autocast dtype first).
         w1: ``[h, d]`` (shared) or ``[B, h, d]`` (per sequence) first-layer start weights.
         w2: ``[e, h]`` or ``[B, e, h]`` second-layer start weights.
         lr: inner learning rate of the fast weights (finite).
@@ -241,6 +242,7 @@ def cms_chunk_update(
     target = _checks.tensor("target", target, 3)
     e = target.shape[-1]
     _checks.shape("target", target, (B, T, e), "[B, T, e]")
+    x, target = _library.autocast(x, target)
     if target.dtype != x.dtype:
         raise TypeError(f"target must have x's dtype {x.dtype}, got {target.dtype}")
     if not isinstance(w1, Tensor) or w1.dim() not in (2, 3):

@@ -187,7 +187,8 @@ def delta_rule(
 
     Args:
         q, k: ``[B, T, H, K]`` queries and keys (keys are usually L2-normalised).
-        v: ``[B, T, H, V]`` values; q, k, v share one dtype (float32, bfloat16, float16, float64).
+        v: ``[B, T, H, V]`` values; q, k, v share one dtype (float32, bfloat16, float16, float64);
+            under autocast, those of 16/32 bits are cast to the autocast dtype first.
         beta: ``[B, T, H]`` step sizes in [0, 2].
         g: ``[B, T, H]`` finite log-decays (≤ 0), α = exp(g); ``None`` means no decay.
         scale: query scale, default ``K ** -0.5``.
@@ -209,6 +210,7 @@ def delta_rule(
     _checks.shape("v", v, (B, T, H, V), "[B, T, H, V]")
     if V < 1:
         raise ValueError(f"v must have V >= 1, got shape {tuple(v.shape)}")
+    q, k, v = _library.autocast(q, k, v)
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     _checks.shape("beta", _checks.tensor("beta", beta, 3), (B, T, H), "[B, T, H]")
