@@ -47,11 +47,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__)
 // Vectorized<double> passed by value: GCC notes an ABI difference under AVX-512; all such
@@ -168,39 +173,32 @@ Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return t;
 }
 
-// dst[b] ← src[b] + α G[b] for b < B, over contiguous matrices of `size` elements (G compact; src,
-// dst `*_stride` apart, dst may be src). The weight update, rounded once per element as in the
-// reference: a BLAS given beta = 1 may add the product into C term by term (MKL does for narrow
-// matrices), which loses the small update against the larger weights.
-template <typename T>
-void add_scaled(int64_t B, int64_t size, const T* src, int64_t src_stride, const T* g, T alpha, T* dst,
-                int64_t dst_stride) {
-  constexpr int64_t kBlock = int64_t{1} << 14;
-  const int64_t blocks = (size + kBlock - 1) / kBlock;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t b = k / blocks, i = (k % blocks) * kBlock;
-      const T *x = src + b * src_stride + i, *y = g + b * size + i;
-      T* out = dst + b * dst_stride + i;
-      const Vec<T> a(alpha);
-      for_lanes<T>(std::min(kBlock, size - i), [=](int64_t j, int64_t n) {
-        store(at::vec::fmadd(load(y + j, n), a, load(x + j, n)), out + j, n);
-      });
-    }
-  });
-}
-
+// dst[b] ← src[b] + α G[b] over [B, rows, cols] matrices (unit column stride, rows of any stride;
+// G compact; dst may be src). The weight update, rounded once per element as in the reference: a
+// BLAS given beta = 1 may add the product into C term by term (MKL does for narrow matrices), which
+// loses the small update against the larger weights.
 template <typename T>
 void add_scaled(const Tensor& src, const Tensor& g, T alpha, const Tensor& dst) {
-  add_scaled<T>(src.size(0), src.size(1) * src.size(2), src.data_ptr<T>(), src.stride(0), g.data_ptr<T>(), alpha,
-                dst.data_ptr<T>(), dst.stride(0));
+  const int64_t B = src.size(0), rows = src.size(1), cols = src.size(2);
+  const T *s0 = src.data_ptr<T>(), *g0 = g.data_ptr<T>();
+  T* d0 = dst.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / cols);
+  at::parallel_for(0, B * rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / rows, i = k % rows;
+      const T *x = s0 + b * src.stride(0) + i * src.stride(1), *y = g0 + k * cols;
+      T* out = d0 + b * dst.stride(0) + i * dst.stride(1);
+      const Vec<T> a(alpha);
+      for_lanes<T>(cols, [=](int64_t j, int64_t n) { store(at::vec::fmadd(load(y + j, n), a, load(x + j, n)), out + j, n); });
+    }
+  });
 }
 
 // R rows by NV vectors of columns (the last one `n_last` lanes) of dst ← src + α Uᵀ V, summing the L
 // rank-one terms in registers: u[t * u_ld + r] scales row t of v for output row r.
 template <typename T, int R, int NV>
 inline void rank_update_tile(int64_t L, const T* u, int64_t u_ld, const T* v, int64_t v_ld, T alpha, const T* src,
-                             T* dst, int64_t ld, int64_t n_last) {
+                             int64_t src_ld, T* dst, int64_t dst_ld, int64_t n_last) {
   constexpr int64_t W = Vec<T>::size();
   Vec<T> acc[R][NV];
   for (int r = 0; r < R; ++r)
@@ -218,12 +216,12 @@ inline void rank_update_tile(int64_t L, const T* u, int64_t u_ld, const T* v, in
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < NV; ++k) {
       const int64_t n = k + 1 == NV ? n_last : W;
-      store(at::vec::fmadd(acc[r][k], va, load(src + r * ld + k * W, n)), dst + r * ld + k * W, n);
+      store(at::vec::fmadd(acc[r][k], va, load(src + r * src_ld + k * W, n)), dst + r * dst_ld + k * W, n);
     }
 }
 
-// dst[b] ← src[b] + α U[b]ᵀ V[b] for U [B, L, rows], V [B, L, cols] (rows of any stride, columns
-// unit-strided) and src, dst [B, rows, cols] (rows contiguous; dst may be src): a rank-L weight update
+// dst[b] ← src[b] + α U[b]ᵀ V[b] for U [B, L, rows], V [B, L, cols] and src, dst [B, rows, cols]
+// (columns unit-strided, rows of any stride; dst may be src): a rank-L weight update
 // with the product summed in registers and rounded into the weights once per element, as add_scaled.
 // For short chunks this one pass over the weights replaces a GEMM of inner size L (far from the BLAS's
 // efficient shapes) that writes a full-size product, and the pass that adds it.
@@ -240,15 +238,15 @@ void rank_update(const Tensor& src, const Tensor& U, const Tensor& V, T alpha, c
       const int64_t b = k / row_blocks, i = (k % row_blocks) * kRows;
       const T* u = u0 + b * U.stride(0) + i;
       const T* v = v0 + b * V.stride(0);
-      const T* sr = s0 + b * src.stride(0) + i * cols;
-      T* dr = d0 + b * dst.stride(0) + i * cols;
-      const int64_t ul = U.stride(1), vl = V.stride(1);
+      const int64_t ul = U.stride(1), vl = V.stride(1), sl = src.stride(1), dl = dst.stride(1);
+      const T* sr = s0 + b * src.stride(0) + i * sl;
+      T* dr = d0 + b * dst.stride(0) + i * dl;
       auto tiles = [&]<int R>() {
         int64_t j = 0;
         for (; j + kVecs * W <= cols; j += kVecs * W)
-          rank_update_tile<T, R, kVecs>(L, u, ul, v + j, vl, alpha, sr + j, dr + j, cols, W);
+          rank_update_tile<T, R, kVecs>(L, u, ul, v + j, vl, alpha, sr + j, sl, dr + j, dl, W);
         for (; j < cols; j += W)
-          rank_update_tile<T, R, 1>(L, u, ul, v + j, vl, alpha, sr + j, dr + j, cols, std::min(W, cols - j));
+          rank_update_tile<T, R, 1>(L, u, ul, v + j, vl, alpha, sr + j, sl, dr + j, dl, std::min(W, cols - j));
       };
       if (i + kRows <= rows) {
         tiles.template operator()<kRows>();
@@ -290,71 +288,130 @@ struct Activations {
   T* row(int64_t r) const { return base + (r / L) * batch_stride + (r % L) * row_stride; }
 };
 
+// ------------------------------------------------------------------------------ teams
+
+// The threads that share one group of sequences. Member `id` of `size` owns a vector-aligned slice
+// of the hidden units (its rows of W1, its columns of W2 and of their adjoints) and computes every
+// product and pass of its slice; the products summed over the hidden units (O, and in the backward
+// de and dX) are reduced from per-member partial sums, each member reducing a share of the token
+// rows between two barriers. A team of one (per-sequence mode, or one thread) never waits.
+struct Team {
+  int64_t id = 0, size = 1;
+
+  void sync() const {
+    if (size > 1) {
+#pragma omp barrier
+    }
+  }
+
+  // [begin, end) of member `m`'s hidden units: slices of a multiple of `align` units, the last one shorter.
+  static std::pair<int64_t, int64_t> slice(int64_t h, int64_t m, int64_t size, int64_t align) {
+    const int64_t per = ((h + size - 1) / size + align - 1) / align * align;
+    return {std::min(h, m * per), std::min(h, (m + 1) * per)};
+  }
+
+  std::pair<int64_t, int64_t> hidden(int64_t h, int64_t align) const { return slice(h, id, size, align); }
+
+  // Members whose slice is not empty (the partial sums that exist).
+  int64_t active(int64_t h, int64_t align) const {
+    int64_t n = 0;
+    while (n < size && slice(h, n, size, align).first < h) ++n;
+    return n;
+  }
+
+  // [begin, end) of this member's share of n token rows.
+  std::pair<int64_t, int64_t> share(int64_t n) const {
+    const int64_t per = (n + size - 1) / size;
+    return {std::min(n, id * per), std::min(n, (id + 1) * per)};
+  }
+};
+
+// out[r] ← Σ_m partial[m][r] for this member's share of the rows (row r of member m's [rows, width]
+// block at partial + m · block + r · width), through f(r, j, n, sum) per vector of a row.
+template <typename T, typename F>
+void reduce_rows(const Team& team, int64_t active, const T* partial, int64_t block, int64_t rows, int64_t width,
+                 const F& f) {
+  const auto [r0, r1] = team.share(rows);
+  for (int64_t r = r0; r < r1; ++r) {
+    for_lanes<T>(width, [&](int64_t j, int64_t n) {
+      Vec<T> sum = load(partial + r * width + j, n);
+      for (int64_t m = 1; m < active; ++m) sum = sum + load(partial + m * block + r * width + j, n);
+      f(r, j, n, sum);
+    });
+  }
+}
+
 // ------------------------------------------------------------------------------ forward
 
 // W1, W2 hold the start weights and are updated in place to the final ones; starts1/2 (when
 // defined) receive the start weights of every K-th chunk and then, when K > 1, the final weights.
 // acts is the [B, T, 2h + e] output when saving (Z, P, E are computed into it), else a
-// [B, min(C, T), 2h + e] workspace.
+// [B, min(C, T), 2h + e] workspace. partial holds the team's [B, C, e] partial sums of O.
 template <typename T, Act A>
-void forward_impl(const Sizes& s, int64_t K, const Tensor& X, const Tensor& V, double lr, const Tensor& W1,
-                  const Tensor& W2, const Tensor& out, const Tensor& starts1, const Tensor& starts2,
-                  const Tensor& acts) {
+void forward_impl(const Sizes& s, int64_t K, const Team& team, const Tensor& X, const Tensor& V, double lr,
+                  const Tensor& W1, const Tensor& W2, const Tensor& out, const Tensor& starts1,
+                  const Tensor& starts2, const Tensor& acts, const Tensor& partial) {
   const auto opts = X.options();
-  const int64_t BC = s.B * s.C;
-  const Tensor abuf = at::empty({BC * s.h}, opts);  // A
-  const Tensor sbuf = at::empty({BC * s.h}, opts);  // σ'(Z), then Q
+  constexpr int64_t kAlign = Vec<T>::size();
+  const auto [h0, h1] = team.hidden(s.h, kAlign);
+  const int64_t ht = h1 - h0, BC = s.B * s.C, active = team.active(s.h, kAlign);
+  const bool save = starts1.defined(), mine = ht > 0;
+  const Tensor W1t = W1.narrow(1, h0, ht), W2t = W2.narrow(2, h0, ht);  // this member's slice
+  const Tensor abuf = at::empty({BC * ht}, opts);  // A
+  const Tensor sbuf = at::empty({BC * ht}, opts);  // σ'(Z), then Q
   const bool gemm = s.C > kFusedRank;
-  Tensor G1 = gemm ? at::empty({s.B, s.h, s.d}, opts) : Tensor();  // Qᵀ X, Eᵀ A
-  Tensor G2 = gemm ? at::empty({s.B, s.e, s.h}, opts) : Tensor();
-  const bool save = starts1.defined();
+  Tensor G1 = gemm ? at::empty({s.B, ht, s.d}, opts) : Tensor();  // Qᵀ X, Eᵀ A
+  Tensor G2 = gemm ? at::empty({s.B, s.e, ht}, opts) : Tensor();
   const T* v = V.data_ptr<T>();
-  T *o = out.data_ptr<T>(), *a = abuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>();
+  T *o = out.data_ptr<T>(), *a = abuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>(), *part = partial.data_ptr<T>();
   for (int64_t c = 0; c < s.N; ++c) {
     const Chunk k{c * s.C, std::min(s.C, s.T - c * s.C), s.T};
-    if (save && c % K == 0) {
-      starts1.select(1, c / K).copy_(W1);
-      starts2.select(1, c / K).copy_(W2);
+    const int64_t L = k.L;
+    if (save && c % K == 0 && mine) {
+      starts1.select(1, c / K).narrow(1, h0, ht).copy_(W1t);
+      starts2.select(1, c / K).narrow(2, h0, ht).copy_(W2t);
     }
-    const Tensor &W1c = W1, &W2c = W2;
-    const Tensor Xc = X.narrow(1, k.t0, k.L);
-    const Activations<T> act(acts, save ? k.t0 : 0, k.L, s.h, s.e);
-    Tensor Z = act.z(), P = act.p(), E = act.err();
-    Tensor Am = rows(abuf, s.B, k.L, s.h), Q = rows(sbuf, s.B, k.L, s.h);
+    const Tensor Xc = X.narrow(1, k.t0, L);
+    const Activations<T> act(acts, save ? k.t0 : 0, L, s.h, s.e);
+    Tensor Z = act.z().narrow(2, h0, ht), P = act.p().narrow(2, h0, ht);
+    const Tensor E = act.err();
+    Tensor Am = rows(abuf, s.B, L, ht), Q = rows(sbuf, s.B, L, ht);
+    Tensor Op = rows(partial, s.B, L, s.e, s.e, team.id * BC * s.e);
 
-    at::bmm_out(Z, Xc, tr(W1c));
-    for_rows(s.B * k.L, s.h, [&](int64_t r) {  // A = σ(Z); S = σ'(Z)
-      const T* zr = act.row(r);
-      T *ar = a + r * s.h, *sr = sg + r * s.h;
-      for_lanes<T>(s.h, [=](int64_t j, int64_t n) {
-        Vec<T> f, d1, d2;
-        activate<A, false, T>(load(zr + j, n), f, d1, d2);
-        store(f, ar + j, n);
-        store(d1, sr + j, n);
+    if (mine) {
+      at::bmm_out(Z, Xc, tr(W1t));
+      for_rows(s.B * L, ht, [&](int64_t r) {  // A = σ(Z); S = σ'(Z)
+        const T* zr = act.row(r) + h0;
+        T *ar = a + r * ht, *sr = sg + r * ht;
+        for_lanes<T>(ht, [=](int64_t j, int64_t n) {
+          Vec<T> f, d1, d2;
+          activate<A, false, T>(load(zr + j, n), f, d1, d2);
+          store(f, ar + j, n);
+          store(d1, sr + j, n);
+        });
       });
+      at::bmm_out(Op, Am, tr(W2t));  // this slice's part of O
+    }
+    team.sync();
+    reduce_rows<T>(team, active, part, BC * s.e, s.B * L, s.e, [&](int64_t r, int64_t j, int64_t n, Vec<T> y) {
+      store(y, o + k.token(r) * s.e + j, n);                                   // out = O
+      store(y - load(v + k.token(r) * s.e + j, n), act.row(r) + 2 * s.h + j, n);  // E = O − V
     });
-    at::bmm_out(E, Am, tr(W2c));
-    for_rows(s.B * k.L, s.e, [&](int64_t r) {  // out = O; E = O − V
-      T *er = act.row(r) + 2 * s.h, *orow = o + k.token(r) * s.e;
-      const T* vr = v + k.token(r) * s.e;
-      for_lanes<T>(s.e, [=](int64_t j, int64_t n) {
-        const Vec<T> y = load(er + j, n);
-        store(y, orow + j, n);
-        store(y - load(vr + j, n), er + j, n);
+    team.sync();
+    if (mine) {
+      at::bmm_out(P, E, W2t);
+      for_rows(s.B * L, ht, [&](int64_t r) {  // Q = P ⊙ S
+        const T* pr = act.row(r) + s.h + h0;
+        T* sr = sg + r * ht;
+        for_lanes<T>(ht, [=](int64_t j, int64_t n) { store(load(pr + j, n) * load(sr + j, n), sr + j, n); });
       });
-    });
-    at::bmm_out(P, E, W2c);
-    for_rows(s.B * k.L, s.h, [&](int64_t r) {  // Q = P ⊙ S
-      const T* pr = act.row(r) + s.h;
-      T* sr = sg + r * s.h;
-      for_lanes<T>(s.h, [=](int64_t j, int64_t n) { store(load(pr + j, n) * load(sr + j, n), sr + j, n); });
-    });
-    update_weights<T>(W1, Q, Xc, static_cast<T>(-lr), W1, G1);
-    update_weights<T>(W2, E, Am, static_cast<T>(-lr), W2, G2);
+      update_weights<T>(W1t, Q, Xc, static_cast<T>(-lr), W1t, G1);
+      update_weights<T>(W2t, E, Am, static_cast<T>(-lr), W2t, G2);
+    }
   }
-  if (save && K > 1) {
-    starts1.select(1, -1).copy_(W1);
-    starts2.select(1, -1).copy_(W2);
+  if (save && K > 1 && mine) {
+    starts1.select(1, -1).narrow(1, h0, ht).copy_(W1t);
+    starts2.select(1, -1).narrow(2, h0, ht).copy_(W2t);
   }
 }
 
@@ -371,90 +428,107 @@ void forward_impl(const Sizes& s, int64_t K, const Tensor& X, const Tensor& V, d
 // S1, S2 are the forward's checkpoints: slot j holds the start weights of chunk jK, the last slot
 // (K > 1) the final weights. The start weights of any other chunk c are rebuilt into W1r, W2r from
 // chunk c + 1's (a checkpoint, the final weights, or the previous rebuild).
+//
+// partial_e, partial_x hold the team's [B, C, e] and [B, C, d] partial sums of de and dX; ubuf the
+// [B, 2C, e] rows (E_t, dŌ_t) that every member reads.
 template <typename T, Act A>
-void backward_impl(const Sizes& s, int64_t K, const Tensor& X, const Tensor& S1, const Tensor& S2,
-                   const Tensor& acts, double lr, const Tensor& dO, const Tensor& dW1, const Tensor& dW2,
-                   const Tensor& dX, const Tensor& dV) {
+void backward_impl(const Sizes& s, int64_t K, const Team& team, const Tensor& X, const Tensor& S1,
+                   const Tensor& S2, const Tensor& acts, double lr, const Tensor& dO, const Tensor& dW1,
+                   const Tensor& dW2, const Tensor& dX, const Tensor& dV, const Tensor& partial_e,
+                   const Tensor& partial_x, const Tensor& ubuf) {
   const auto opts = X.options();
-  const int64_t BC = s.B * s.C;
-  const Tensor qbuf = at::empty({BC * s.h}, opts);      // X dW1ᵀ, then dq ⊙ P ⊙ σ''(Z)
-  const Tensor sbuf = at::empty({BC * s.h}, opts);      // σ'(Z)
-  const Tensor dbuf = at::empty({BC * s.h}, opts);      // δ
-  const Tensor W1r = K > 1 ? at::empty({s.B, s.h, s.d}, opts) : Tensor();  // rebuilt start weights
-  const Tensor W2r = K > 1 ? at::empty({s.B, s.e, s.h}, opts) : Tensor();
+  constexpr int64_t kAlign = Vec<T>::size();
+  const auto [h0, h1] = team.hidden(s.h, kAlign);
+  const int64_t ht = h1 - h0, BC = s.B * s.C, active = team.active(s.h, kAlign);
+  const bool mine = ht > 0;
+  const Tensor dW1t = dW1.narrow(1, h0, ht), dW2t = dW2.narrow(2, h0, ht);  // this member's slice
+  const Tensor qbuf = at::empty({BC * ht}, opts);      // X dW1ᵀ, then dq ⊙ P ⊙ σ''(Z)
+  const Tensor sbuf = at::empty({BC * ht}, opts);      // σ'(Z)
+  const Tensor dbuf = at::empty({BC * ht}, opts);      // δ
+  const Tensor W1r = K > 1 ? at::empty({s.B, ht, s.d}, opts) : Tensor();  // rebuilt start weights
+  const Tensor W2r = K > 1 ? at::empty({s.B, s.e, ht}, opts) : Tensor();
   const bool gemm = 2 * s.C > kFusedRank;
-  Tensor G1 = gemm ? at::empty({s.B, s.h, s.d}, opts) : Tensor();  // products of update_weights
-  Tensor G2 = gemm ? at::empty({s.B, s.e, s.h}, opts) : Tensor();
-  const Tensor rbuf = at::empty({2 * BC * s.h}, opts);  // rows dp_t, A_t
-  const Tensor ebuf = at::empty({BC * s.e}, opts);      // de
-  const Tensor ubuf = at::empty({2 * BC * s.e}, opts);  // rows E_t, dŌ_t
-  const Tensor abuf = at::empty({BC * s.h}, opts);      // da, then dz
+  Tensor G1 = gemm ? at::empty({s.B, ht, s.d}, opts) : Tensor();  // products of update_weights
+  Tensor G2 = gemm ? at::empty({s.B, s.e, ht}, opts) : Tensor();
+  const Tensor rbuf = at::empty({2 * BC * ht}, opts);  // rows dp_t, A_t
+  const Tensor abuf = at::empty({BC * ht}, opts);      // da, then dz
   const T nlr = static_cast<T>(-lr);
   const T* dout = dO.data_ptr<T>();
-  T *dv = dV.data_ptr<T>(), *q = qbuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>(), *dl = dbuf.data_ptr<T>();
-  T *rr = rbuf.data_ptr<T>(), *eb = ebuf.data_ptr<T>(), *u = ubuf.data_ptr<T>(), *ab = abuf.data_ptr<T>();
+  T *dv = dV.data_ptr<T>(), *dx = dX.data_ptr<T>(), *q = qbuf.data_ptr<T>(), *sg = sbuf.data_ptr<T>();
+  T *dl = dbuf.data_ptr<T>(), *rr = rbuf.data_ptr<T>(), *u = ubuf.data_ptr<T>(), *ab = abuf.data_ptr<T>();
+  const T *pe = partial_e.data_ptr<T>(), *px = partial_x.data_ptr<T>();
   for (int64_t c = s.N - 1; c >= 0; --c) {
     const Chunk k{c * s.C, std::min(s.C, s.T - c * s.C), s.T};
-    const int64_t B = s.B, L = k.L, h = s.h, e = s.e;
+    const int64_t B = s.B, L = k.L, h = s.h, e = s.e, d = s.d;
     const bool stored = c % K == 0;
     const Tensor Xc = X.narrow(1, k.t0, L);
     const Activations<T> act(acts, k.t0, L, h, e);
-    Tensor Qd = rows(qbuf, B, L, h), dE = rows(ebuf, B, L, e), dA = rows(abuf, B, L, h);
-    Tensor dXc = dX.narrow(1, k.t0, L);
-    const Tensor R2 = rows(rbuf, B, 2 * L, h), U2 = rows(ubuf, B, 2 * L, e);
-    const Tensor dp = rows(rbuf, B, L, h, 2 * h), Am = rows(rbuf, B, L, h, 2 * h, h);
+    Tensor Qd = rows(qbuf, B, L, ht), dA = rows(abuf, B, L, ht);
+    Tensor dEp = rows(partial_e, B, L, e, e, team.id * BC * e), dXp = rows(partial_x, B, L, d, d, team.id * BC * d);
+    const Tensor R2 = rows(rbuf, B, 2 * L, ht), U2 = rows(ubuf, B, 2 * L, e);
+    const Tensor dp = rows(rbuf, B, L, ht, 2 * ht), Am = rows(rbuf, B, L, ht, 2 * ht, ht);
     const Tensor E = rows(ubuf, B, L, e, 2 * e), dOb = rows(ubuf, B, L, e, 2 * e, e);
-    const Tensor dlt = rows(dbuf, B, L, h);
+    const Tensor dlt = rows(dbuf, B, L, ht);
+    Tensor W1, W2;
 
-    at::bmm_out(Qd, Xc, tr(dW1));
-    for_rows(B * L, h, [&](int64_t r) {
-      // dq = −lr X dW1ᵀ; rows (dp, A) = (dq ⊙ σ', σ); S = σ'; δ = P ⊙ σ'; Qd ← dq ⊙ P ⊙ σ''
-      const T *zr = act.row(r), *pr = zr + h;
-      T *qr = q + r * h, *sr = sg + r * h, *dr = dl + r * h, *dpr = rr + 2 * r * h, *ar = dpr + h;
-      for_lanes<T>(h, [=](int64_t j, int64_t n) {
-        Vec<T> f, d1, d2;
-        activate<A, true, T>(load(zr + j, n), f, d1, d2);
-        const Vec<T> dq = load(qr + j, n) * Vec<T>(nlr), p = load(pr + j, n);
-        store(dq * d1, dpr + j, n);
-        store(f, ar + j, n);
-        store(d1, sr + j, n);
-        store(p * d1, dr + j, n);
-        store(dq * p * d2, qr + j, n);
+    if (mine) {
+      at::bmm_out(Qd, Xc, tr(dW1t));
+      for_rows(B * L, ht, [&](int64_t r) {
+        // dq = −lr X dW1ᵀ; rows (dp, A) = (dq ⊙ σ', σ); S = σ'; δ = P ⊙ σ'; Qd ← dq ⊙ P ⊙ σ''
+        const T *zr = act.row(r) + h0, *pr = act.row(r) + h + h0;
+        T *qr = q + r * ht, *sr = sg + r * ht, *dr = dl + r * ht, *dpr = rr + 2 * r * ht, *ar = dpr + ht;
+        for_lanes<T>(ht, [=](int64_t j, int64_t n) {
+          Vec<T> f, d1, d2;
+          activate<A, true, T>(load(zr + j, n), f, d1, d2);
+          const Vec<T> dq = load(qr + j, n) * Vec<T>(nlr), p = load(pr + j, n);
+          store(dq * d1, dpr + j, n);
+          store(f, ar + j, n);
+          store(d1, sr + j, n);
+          store(p * d1, dr + j, n);
+          store(dq * p * d2, qr + j, n);
+        });
       });
-    });
-    if (!stored) {  // rebuild the chunk-start weights from the next chunk's
-      const bool next_stored = (c + 1) % K == 0 || c + 1 == s.N;
-      const int64_t slot = c + 1 == s.N ? S1.size(1) - 1 : (c + 1) / K;
-      update_weights<T>(next_stored ? S1.select(1, slot) : W1r, dlt, Xc, static_cast<T>(lr), W1r, G1);
-      update_weights<T>(next_stored ? S2.select(1, slot) : W2r, act.err(), Am, static_cast<T>(lr), W2r, G2);
+      auto stored1 = [&](int64_t j) { return S1.select(1, j).narrow(1, h0, ht); };
+      auto stored2 = [&](int64_t j) { return S2.select(1, j).narrow(2, h0, ht); };
+      if (!stored) {  // rebuild the chunk-start weights from the next chunk's
+        const bool next_stored = (c + 1) % K == 0 || c + 1 == s.N;
+        const int64_t slot = c + 1 == s.N ? S1.size(1) - 1 : (c + 1) / K;
+        update_weights<T>(next_stored ? stored1(slot) : W1r, dlt, Xc, static_cast<T>(lr), W1r, G1);
+        update_weights<T>(next_stored ? stored2(slot) : W2r, act.err(), Am, static_cast<T>(lr), W2r, G2);
+      }
+      W1 = stored ? stored1(c / K) : W1r;
+      W2 = stored ? stored2(c / K) : W2r;
+      at::bmm_out(dEp, dp, tr(W2));
+      dEp.baddbmm_(Am, tr(dW2t), 1, nlr);  // this slice's part of de = dp W2ᵀ − lr A dW2ᵀ
     }
-    const Tensor W1 = stored ? S1.select(1, c / K) : W1r, W2 = stored ? S2.select(1, c / K) : W2r;
-    at::bmm_out(dE, dp, tr(W2));
-    dE.baddbmm_(Am, tr(dW2), 1, nlr);  // de = dp W2ᵀ − lr A dW2ᵀ
-    for_rows(B * L, e, [&](int64_t r) {
+    team.sync();
+    reduce_rows<T>(team, active, pe, BC * e, B * L, e, [&](int64_t r, int64_t j, int64_t n, Vec<T> de) {
       // rows (E, dŌ) = (E, dO + de); dV = −de
-      const T *er = act.row(r) + 2 * h, *der = eb + r * e, *dor = dout + k.token(r) * e;
-      T *ur = u + 2 * r * e, *dobr = ur + e, *dvr = dv + k.token(r) * e;
-      for_lanes<T>(e, [=](int64_t j, int64_t n) {
-        const Vec<T> de = load(der + j, n);
-        store(load(er + j, n), ur + j, n);
-        store(load(dor + j, n) + de, dobr + j, n);
-        store(de.neg(), dvr + j, n);
-      });
+      T* ur = u + 2 * r * e + j;
+      store(load(act.row(r) + 2 * h + j, n), ur, n);
+      store(load(dout + k.token(r) * e + j, n) + de, ur + e, n);
+      store(de.neg(), dv + k.token(r) * e + j, n);
     });
-    at::bmm_out(dA, dOb, W2);
-    dA.baddbmm_(E, dW2, 1, nlr);  // da = dŌ W2 − lr E dW2
-    for_rows(B * L, h, [&](int64_t r) {  // dz = da ⊙ σ' + dq ⊙ P ⊙ σ''
-      const T *qr = q + r * h, *sr = sg + r * h;
-      T* dar = ab + r * h;
-      for_lanes<T>(h, [=](int64_t j, int64_t n) {
-        store(at::vec::fmadd(load(dar + j, n), load(sr + j, n), load(qr + j, n)), dar + j, n);
+    team.sync();
+    if (mine) {
+      at::bmm_out(dA, dOb, W2);
+      dA.baddbmm_(E, dW2t, 1, nlr);  // da = dŌ W2 − lr E dW2
+      for_rows(B * L, ht, [&](int64_t r) {  // dz = da ⊙ σ' + dq ⊙ P ⊙ σ''
+        const T *qr = q + r * ht, *sr = sg + r * ht;
+        T* dar = ab + r * ht;
+        for_lanes<T>(ht, [=](int64_t j, int64_t n) {
+          store(at::vec::fmadd(load(dar + j, n), load(sr + j, n), load(qr + j, n)), dar + j, n);
+        });
       });
+      at::bmm_out(dXp, dA, W1);
+      dXp.baddbmm_(dlt, dW1t, 1, nlr);                  // this slice's part of dX = dz W1 − lr δ dW1
+      update_weights<T>(dW1t, dA, Xc, T(1), dW1t, G1);  // dW1 += dzᵀ X
+      update_weights<T>(dW2t, U2, R2, T(1), dW2t, G2);  // dW2 += Eᵀ dp + dŌᵀ A
+    }
+    team.sync();
+    reduce_rows<T>(team, active, px, BC * d, B * L, d, [&](int64_t r, int64_t j, int64_t n, Vec<T> sum) {
+      store(sum, dx + k.token(r) * d + j, n);
     });
-    at::bmm_out(dXc, dA, W1);
-    dXc.baddbmm_(dlt, dW1, 1, nlr);  // dX = dz W1 − lr δ dW1
-    update_weights<T>(dW1, dA, Xc, T(1), dW1, G1);  // dW1 += dzᵀ X
-    update_weights<T>(dW2, U2, R2, T(1), dW2, G2);  // dW2 += Eᵀ dp + dŌᵀ A
   }
 }
 
@@ -491,23 +565,47 @@ Sizes make_sizes(const Tensor& x, const Tensor& target, int64_t h, int64_t chunk
   return s;
 }
 
-// f(sizes of a group of sequences, its first sequence) over all B sequences. When they split evenly
-// over the intra-op threads, each thread runs its sequences one at a time (groups of one) with
-// single-threaded GEMMs and passes (the BLAS runs sequentially inside a parallel region): no
-// synchronisation inside the chunk loop, one sequence's weights in cache. Otherwise one group of B,
-// whose GEMMs and passes use all the threads.
-template <typename F>
+// How a call's work splits over the intra-op threads. When the B sequences split evenly, each
+// thread runs its sequences one at a time, a team of one with single-threaded GEMMs and passes (the
+// BLAS runs sequentially inside a parallel region): no synchronisation inside the chunk loop, one
+// sequence's weights in cache. Otherwise (B = 1, say) one team of up to `threads` members splits
+// the hidden units of all B sequences (Team), at least kTeamSlice units each. One thread, a call
+// from inside a parallel region, a narrow memory, or float64: a team of one over all B, whose
+// GEMMs use every thread. float64 is the verification dtype: its sums over the hidden units keep
+// one order, the reference's, rather than adding the members' partial sums.
+constexpr int64_t kTeamSlice = 32;
+
+template <typename T>
+int64_t team_size(const Sizes& s) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads == 1 || s.B % threads == 0 || std::is_same_v<T, double>) return 1;
+  return std::max<int64_t>(1, std::min(threads, s.h / kTeamSlice));
+}
+
+// f(sizes of a group of sequences, its first sequence, the team running it) over all B sequences.
+template <typename T, typename F>
 void over_sequences(const Sizes& s, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  if (threads > 1 && s.B % threads == 0 && !at::in_parallel_region()) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t size = team_size<T>(s);
+  if (threads > 1 && size == 1 && s.B % threads == 0) {
     at::parallel_for(0, s.B, s.B / threads, [&](int64_t b0, int64_t b1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as on the calling thread
       Sizes g = s;
       g.B = 1;
-      for (int64_t b = b0; b < b1; ++b) f(g, b);
+      for (int64_t b = b0; b < b1; ++b) f(g, b, Team{});
     });
+  } else if (size > 1) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(size)
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      f(s, 0, Team{omp_get_thread_num(), omp_get_num_threads()});
+    }
+#else
+    f(s, 0, Team{});
+#endif
   } else {
-    f(s, 0);
+    f(s, 0, Team{});
   }
 }
 
@@ -555,10 +653,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cms_chunk_update_fwd_
   const Tensor acts =
       save_residuals ? empty_large({s.B, s.T, width}, opts) : at::empty({s.B, std::min(s.C, s.T), width}, opts);
   dispatch(ct, act, [&]<typename T, Act A>() {
-    over_sequences(s, [&](const Sizes& g, int64_t b0) {
+    const int64_t members = team_size<T>(s);
+    const Tensor shared = members > 1 ? at::empty({members, s.B * s.C * s.e}, opts) : Tensor();  // O partial sums
+    over_sequences<T>(s, [&](const Sizes& g, int64_t b0, const Team& team) {
       auto part = [&](const Tensor& t) { return t.defined() ? t.narrow(0, b0, g.B) : t; };
-      forward_impl<T, A>(g, K, part(X), part(V), lr, part(W1), part(W2), part(out), part(starts1), part(starts2),
-                         part(acts));
+      const Tensor partial = team.size > 1 ? shared : at::empty({1, g.B * g.C * g.e}, opts);
+      forward_impl<T, A>(g, K, team, part(X), part(V), lr, part(W1), part(W2), part(out), part(starts1),
+                         part(starts2), part(acts), partial);
     });
   });
   if (!save_residuals) {
@@ -592,10 +693,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cms_chunk_update_bwd_cpp(
   const Tensor dX = at::empty({s.B, s.T, s.d}, opts);
   const Tensor dV = at::empty({s.B, s.T, s.e}, opts);
   dispatch(ct, act, [&]<typename T, Act A>() {
-    over_sequences(s, [&](const Sizes& g, int64_t b0) {
+    const int64_t members = team_size<T>(s), BC = s.B * s.C;
+    // the team's partial sums of de and dX, and the rows (E_t, dŌ_t) all members read
+    const Tensor shared_e = members > 1 ? at::empty({members, BC * s.e}, opts) : Tensor();
+    const Tensor shared_x = members > 1 ? at::empty({members, BC * s.d}, opts) : Tensor();
+    const Tensor shared_u = members > 1 ? at::empty({2 * BC * s.e}, opts) : Tensor();
+    over_sequences<T>(s, [&](const Sizes& g, int64_t b0, const Team& team) {
       auto part = [&](const Tensor& t) { return t.narrow(0, b0, g.B); };
-      backward_impl<T, A>(g, K, part(X), part(S1), part(S2), part(acts), lr, part(dO), part(dW1), part(dW2),
-                          part(dX), part(dV));
+      const int64_t gc = g.B * g.C;
+      const bool shared = team.size > 1;
+      backward_impl<T, A>(g, K, team, part(X), part(S1), part(S2), part(acts), lr, part(dO), part(dW1), part(dW2),
+                          part(dX), part(dV), shared ? shared_e : at::empty({1, gc * g.e}, opts),
+                          shared ? shared_x : at::empty({1, gc * g.d}, opts),
+                          shared ? shared_u : at::empty({2 * gc * g.e}, opts));
     });
   });
   return {dX.to(x.scalar_type()), dV.to(target.scalar_type()), dW1, dW2};

@@ -28,6 +28,7 @@ __all__ = [
     "EXT_ERROR",
     "HAS_TRITON",
     "autocast",
+    "autocast_off",
     "available",
     "forced_backend",
     "select",
@@ -87,6 +88,12 @@ def autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t for t in tensors)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device``: an op's body computes in the dtypes of its contract (the
+    reference backend's PyTorch matmuls would otherwise follow an enclosing autocast)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def forced_backend() -> Optional[str]:

@@ -123,8 +123,9 @@ def _backend(x: Tensor) -> _Backend:
 def _cms_chunk_update(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str, save_residuals: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = _backend(x).forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals,
-                               checkpoint_every(x.device, chunk_size))
+    with _library.autocast_off(x.device):
+        outs = _backend(x).forward(x, target, w1, w2, lr, chunk_size, activation, save_residuals,
+                                   checkpoint_every(x.device, chunk_size))
     return tuple(t.contiguous() for t in outs)  # type: ignore[return-value]
 
 
@@ -159,10 +160,11 @@ def _cms_chunk_update_bwd(
     dw1_final: Tensor,
     dw2_final: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _backend(x).backward(
-        x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do.contiguous(),
-        dw1_final.contiguous(), dw2_final.contiguous(), checkpoint_every(x.device, chunk_size),
-    )
+    with _library.autocast_off(x.device):
+        grads = _backend(x).backward(
+            x, target, w1_starts, w2_starts, activations, lr, chunk_size, activation, do.contiguous(),
+            dw1_final.contiguous(), dw2_final.contiguous(), checkpoint_every(x.device, chunk_size),
+        )
     return tuple(g.contiguous() for g in grads)  # type: ignore[return-value]
 
 

@@ -120,7 +120,8 @@ def _delta_rule(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     _check_values(beta, g, cu_seqlens, q.shape[1])
-    o, final_state = _backend(q, v).forward(q, k, v, beta, g, initial_state, cu_seqlens, scale)
+    with _library.autocast_off(q.device):
+        o, final_state = _backend(q, v).forward(q, k, v, beta, g, initial_state, cu_seqlens, scale)
     return o.contiguous(), final_state.contiguous()
 
 
@@ -144,7 +145,9 @@ def _delta_rule_bwd(
     do: Tensor,
     dht: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backend(q, v).backward(q, k, v, beta, g, initial_state, cu_seqlens, scale, do.contiguous(), dht.contiguous())
+    with _library.autocast_off(q.device):
+        grads = _backend(q, v).backward(q, k, v, beta, g, initial_state, cu_seqlens, scale, do.contiguous(),
+                                        dht.contiguous())
     # an empty tensor stands for the gradient of an absent g / initial_state
     return tuple(q.new_empty(0) if x is None else x.contiguous() for x in grads)  # type: ignore[return-value]
 

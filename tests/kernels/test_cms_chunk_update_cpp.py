@@ -9,8 +9,10 @@ residuals the forward keeps for the backward (the start weights of every K-th ch
 weights, per-token z | W2ᵀe | e) are held to the same rule against ``reference.chunked_with_residuals``;
 so is the backward for every checkpoint stride K, where it rebuilds the other chunks' start weights.
 
-Two threads are used throughout, so that both schedules run: B = 2 puts one sequence on each
-thread (single-threaded GEMMs), B = 1 and B = 3 share every GEMM between the threads.
+Two threads are used throughout, so that every schedule runs: B = 2 puts one sequence on each
+thread (single-threaded GEMMs); with B = 1 or 3 and h ≥ 64 the two threads split the hidden units
+of all sequences (a team, partial sums of O, de and dX reduced between barriers); below that, and
+in float64, one thread drives the call and every GEMM uses both.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ CASES = {
     "chunk-equals-T-B1": (1, 32, 8, 16, 8, 32, "gelu", torch.float32),
     "wider": (2, 130, 64, 96, 40, 32, "gelu", torch.float32),
     "chunk128-stored": (2, 300, 16, 32, 8, 128, "silu", torch.float32),  # K = 1: every start stored
+    "team-B1": (1, 70, 12, 136, 10, 8, "gelu", torch.float32),  # hidden units split 72 + 64
+    "team-B3-chunk40": (3, 90, 9, 100, 7, 40, "silu", torch.float32),  # GEMM weight updates, ragged slices
+    "team-bf16-B1": (1, 45, 16, 64, 8, 4, "relu", torch.bfloat16),
     "bf16": (2, 50, 16, 32, 8, 16, "gelu", torch.bfloat16),
     "bf16-odd-B3": (3, 37, 5, 7, 3, 8, "silu", torch.bfloat16),
     "fp16": (2, 50, 16, 32, 8, 16, "relu", torch.float16),
