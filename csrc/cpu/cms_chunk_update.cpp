@@ -27,9 +27,10 @@
 // between two products is one vectorised pass over the chunk's rows. When the B sequences split
 // evenly over the intra-op threads, each thread runs its own sequences one after the other, with
 // single-threaded GEMMs and no synchronisation inside the chunk loop, so that one sequence's
-// weights, updates and adjoints (4(hd + eh) floats) stay in cache; otherwise every product and
-// pass is shared by all threads. Chunk buffers are allocated once per call and viewed compactly
-// as [B, L, ·] per chunk (L its length).
+// weights, updates and adjoints (4(hd + eh) floats) stay in cache; otherwise (B = 1, say) a team
+// of threads splits the hidden units of all sequences, each member running the products of its
+// slice and the sums over h (O, de, dX) reduced from partial sums between barriers (Team). Chunk
+// buffers are allocated once per call and viewed compactly as [B, L, ·] per chunk (L its length).
 //
 // Tokens of any input dtype are converted to the compute dtype (float64 for float64 x, else
 // float32) once, before the chunk loop.
