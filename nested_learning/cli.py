@@ -1,6 +1,7 @@
 """The ``nested-learning`` command: ``train``, ``doctor``, ``check`` and ``bench``.
 
-    nested-learning train [--model M] [--task T] [--optimizer O] [--steps N] [--plot FILE] [--json FILE]
+    nested-learning train [--model M] [--task T] [--task-arg KEY=VALUE] [--optimizer O] [--steps N]
+                          [--plot FILE] [--json FILE]
                                                 train a model on an embedded task, print metrics as JSON
     nested-learning doctor                      what is available (torch, triton, _C, device)
     nested-learning check [--op NAME]           every backend vs the float64 reference
@@ -120,11 +121,35 @@ def bench(args: argparse.Namespace) -> int:
     return 1 if any(not r["passed"] and r["kind"] == "backend" for r in rows) else 0
 
 
+def _task_args(pairs: Optional[list[str]]) -> Optional[dict[str, object]]:
+    """``KEY=VALUE`` strings as task constructor arguments (integers and floats parsed)."""
+    if not pairs:
+        return None
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--task-arg must be KEY=VALUE, got {pair!r}")
+        value: object = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def train(args: argparse.Namespace) -> int:
     import json
 
     overrides = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
-    config = task_training.TrainConfig(**overrides)
+    try:
+        config = task_training.TrainConfig(**overrides, task_kwargs=_task_args(args.task_arg))
+        task_training.build_task(config)  # bad task arguments fail here, before any work
+    except ValueError as err:
+        raise SystemExit(f"nested-learning train: {err}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = _train_progress(config.steps)
@@ -167,6 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t = sub.add_parser("train", help="train a model on an embedded task (defaults: HOPE on MQAR, a few minutes)")
     t.add_argument("--model", choices=task_training.MODELS)
     t.add_argument("--task", choices=tuple(TASKS))
+    t.add_argument("--task-arg", action="append", metavar="KEY=VALUE",
+                   help="task constructor argument over the defaults, e.g. num_pairs=32 (repeatable)")
     t.add_argument("--optimizer", choices=task_training.OPTIMIZERS)
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("dim", int), ("n-layers", int),
                        ("n-heads", int), ("eval-every", int), ("seed", int)):

@@ -1,9 +1,11 @@
 """Whole optimizer steps on a transformer-like stack with fixed gradients, timed side by side.
 
-    python -m nested_learning.benchmark.optimizer_steps [--layers 3] [--width 512] [--json out.json]
+    python -m nested_learning.benchmark.optimizer_steps [--layers 3] [--width 512] [--dtype float32]
+        [--device cpu|cuda] [--json out.json]
 
 Times one ``step()`` (median after a warm-up) of DeepMomentumGD (fused and PyTorch paths) and
-``torch.optim.AdamW(foreach=True)``; with ``--reference-dmgd FILE`` (the reference library's
+``torch.optim.AdamW(foreach=True)`` (on CUDA also ``AdamW(fused=True)``, the GPU target's base:
+20 layers of width 2048 in bfloat16 are 1.0B parameters); with ``--reference-dmgd FILE`` (the reference library's
 ``optimizers/deep_momentum.py``, loaded from a local checkout) its DeepMomentumGD too. The
 reference feeds only min(n, 4096) coordinates of each tensor through its memory, so the rows
 also give time per memory-processed element.
@@ -33,12 +35,13 @@ def layer_shapes(layers: int, width: int) -> list[tuple[int, ...]]:
 
 
 def make_params(shapes: list[tuple[int, ...]], device: torch.device, dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Parameters with fixed gradients (N(0, 1e-2)) attached."""
-    gen = torch.Generator().manual_seed(seed)
+    """Parameters with fixed gradients (N(0, 1e-2)) attached, drawn on ``device`` (a billion
+    CPU draws per row would cost more than the rows' timings)."""
+    gen = torch.Generator(device).manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype))
-        p.grad = (torch.randn(s, generator=gen) * 1e-2).to(device, dtype)
+        p = torch.nn.Parameter(torch.randn(s, generator=gen, device=device).to(dtype))
+        p.grad = (torch.randn(s, generator=gen, device=device) * 1e-2).to(dtype)
         params.append(p)
     return params
 
@@ -73,6 +76,8 @@ def run(layers: int = 3, width: int = 512, device: Optional[torch.device] = None
         "DeepMomentumGD (PyTorch, per bucket)": (lambda ps: DeepMomentumGD(ps, lr=1e-3, fused=False), numel),
         "AdamW(foreach)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), numel),
     }
+    if device.type == "cuda":
+        candidates["AdamW(fused)"] = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), numel)
     if reference_dmgd:
         ref = load_file_module(reference_dmgd, "_reference_library_deep_momentum")
         processed = sum(min(torch.Size(s).numel(), 4096) for s in shapes)
@@ -96,10 +101,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reference-dmgd", help="path of the reference library's optimizers/deep_momentum.py")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    rows = run(args.layers, args.width, dtype=getattr(torch, args.dtype), reference_dmgd=args.reference_dmgd)
+    rows = run(args.layers, args.width, torch.device(args.device), getattr(torch, args.dtype), args.reference_dmgd)
     print(f"{rows[0]['device']}, {rows[0]['shapes']} ({rows[0]['params'] / 1e6:.2f}M parameters, {args.dtype})")
     print(f"{'optimizer':40s} {'ms':>9s} {'ns/elem':>8s} {'x time':>7s} {'x per elem':>10s}")
     for r in rows:

@@ -10,6 +10,7 @@ ignore_index=-100)``; a scored label equals the input token at its position, eve
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ._base import IGNORE_INDEX, Task, shifted_accuracy
@@ -28,4 +29,8 @@ def make_task(name: str, **kwargs: Any) -> Task:
     """The task registered as ``name`` in ``TASKS``, built with ``kwargs``."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    accepted = [p for p in inspect.signature(TASKS[name]).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"task {name!r} takes {', '.join(accepted)}; got unknown argument(s) {', '.join(unknown)}")
     return TASKS[name](**kwargs)

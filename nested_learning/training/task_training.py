@@ -170,6 +170,11 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def build_task(config: TrainConfig) -> data.Task:
+    """The task of ``config``: its ``task_kwargs`` over ``TASK_DEFAULTS``."""
+    return data.make_task(config.task, **{**TASK_DEFAULTS.get(config.task, {}), **(config.task_kwargs or {})})
+
+
 def train(config: TrainConfig, progress: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, Any]:
     """Run ``config``; returns ``{"config", "params", "history", "final", "seconds", "tokens_per_second"}``.
 
@@ -177,7 +182,7 @@ def train(config: TrainConfig, progress: Optional[Callable[[int, dict[str, float
     on evaluation steps).
     """
     torch.manual_seed(config.seed)
-    task = data.make_task(config.task, **{**TASK_DEFAULTS.get(config.task, {}), **(config.task_kwargs or {})})
+    task = build_task(config)
     model = build_model(config, task.vocab_size, task.seq_len)
     optimizer = build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -95,3 +96,24 @@ def test_cli_train_prints_metrics_and_writes_files(tmp_path, capsys):
     assert set(printed["final"]) == {"eval_loss", "eval_accuracy"} and printed["config"]["task"] == "parity"
     assert json.loads(out_json.read_text())["history"][0]["step"] == 2
     assert out_png.stat().st_size > 1000
+
+
+def test_cli_task_args_reach_the_task(capsys):
+    args = ["train", "--steps", "1", "--batch-size", "2", "--dim", "16", "--n-layers", "1", "--n-heads", "2",
+            "--eval-every", "1", "--task", "mqar", "--task-arg", "num_pairs=4", "--task-arg", "seq_len=32",
+            "--task-arg", "num_queries=6"]
+    assert cli.main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["task_kwargs"] == {"num_pairs": 4, "seq_len": 32, "num_queries": 6}
+    task = task_training.build_task(task_training.TrainConfig(task_kwargs=printed["config"]["task_kwargs"]))
+    assert (task.num_pairs, task.seq_len, task.num_queries) == (4, 32, 6)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("num_pairs", "--task-arg must be KEY=VALUE, got 'num_pairs'"),
+    ("colour=3", "task 'mqar' takes num_pairs, seq_len, num_keys, num_values, num_queries; got unknown argument(s) colour"),
+    ("num_pairs=200", "seq_len=64 is too short for 200 pairs"),
+])
+def test_cli_bad_task_args_are_named_before_training(arg, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli.main(["train", "--task", "mqar", "--task-arg", arg])
