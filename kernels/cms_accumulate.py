@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.cms_accumulate import Hyper
-from ._common import round_to
+from ._common import on_input_device, round_to
 
 __all__ = ["BLOCK", "cms_accumulate"]
 
@@ -103,6 +103,7 @@ def _scalars(h: Hyper, count: int, step: int) -> tuple[float, ...]:
     )  # fmt: skip
 
 
+@on_input_device
 def cms_accumulate(
     params: list[Tensor],
     grads: list[Tensor],

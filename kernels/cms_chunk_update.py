@@ -38,7 +38,9 @@ only o, dx and dtarget are stored in the input dtype. bf16 inputs run every prod
 operands rounded to bf16 are not used: the chain X → z → a → ē → δ → dz → dW rounds six operands in a row and
 lands at 0.8–1.1 × the test rule's bf16 budget (2 × the fp32 reference's error + 2⁻⁸), against about 0.25 × with
 tf32. fp32 and fp16 inputs use exact-fp32 ("ieee") products (tf32's roundoff equals fp16's budget floor).
-Under the interpreter the kernels round tf32 operands themselves, so the tests see the GPU's operand rounding.
+The kernels round tf32 operands to nearest even themselves, on the GPU too: the tensor cores would read the
+top 19 bits of an fp32 register (truncation, a bias that builds up over hundreds of chunk updates), and the
+interpreter multiplies in full fp32; rounded first, both multiply the same tf32 values.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.jit import KernelInterface
 
 from ._common import INTERPRET as _INTERPRET
+from ._common import launch as _launch
+from ._common import on_input_device
 from ._common import round_to as _to
 
 __all__ = ["cms_chunk_update_bwd", "cms_chunk_update_fwd"]
@@ -81,7 +84,7 @@ def _sigma(z, ACT: tl.constexpr):
 
 @triton.jit
 def _tf32(x):
-    """x (fp32) rounded to tf32 (10-bit mantissa), to nearest even: what the tensor cores read."""
+    """x (fp32) rounded to tf32 (10-bit mantissa), to nearest even."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
     return bits.to(tl.float32, bitcast=True)
@@ -92,11 +95,8 @@ def _mm(a, b, TF32: tl.constexpr):
     """a @ b in fp32: tf32 tensor cores (fp32 accumulation) with TF32, else exact fp32 ("ieee")."""
     a = a.to(tl.float32)
     b = b.to(tl.float32)
-    if TF32:
-        if _INTERPRET:  # the interpreter multiplies in full fp32: round the operands as the tensor cores do
-            out = tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
-        else:
-            out = tl.dot(a, b, input_precision="tf32")
+    if TF32:  # operands rounded here (module docstring); the interpreter's fp32 product of them is exact
+        out = tl.dot(_tf32(a), _tf32(b), input_precision="ieee" if _INTERPRET else "tf32")
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
@@ -308,11 +308,6 @@ def _config(dtype: torch.dtype) -> _Config:
                    rows=dict(num_warps=8, num_stages=2), update=dict(num_warps=8, num_stages=3))
 
 
-def _launch(kernel: KernelInterface, grid: tuple[int, ...], *args, **meta) -> None:
-    """The single launch point (the ahead-of-time compile test records the launches here)."""
-    kernel[grid](*args, **meta)
-
-
 def _update(
     cfg: _Config, B: int, C: int, n: int, alpha: float, pair1: tuple, pair2: Optional[tuple], w_in: tuple, w_out: tuple,
     M: int, N: int,
@@ -337,6 +332,7 @@ def _blocks(cfg: _Config, C: int, cols: int, K: int) -> dict:
     return dict(BM=_pow2(C, cfg.BM), BN=_pow2(cols, cfg.BN), BK=_pow2(K, cfg.BK), TF32=cfg.tf32, **cfg.rows)
 
 
+@on_input_device
 def cms_chunk_update_fwd(
     x: Tensor, target: Tensor, w1: Tensor, w2: Tensor, lr: float, chunk_size: int, activation: str,
     save_residuals: bool, checkpoint_every: int,
@@ -388,6 +384,7 @@ def cms_chunk_update_fwd(
     return o, w1f, w2f, starts1, starts2, acts
 
 
+@on_input_device
 def cms_chunk_update_bwd(
     x: Tensor,
     target: Tensor,

@@ -47,9 +47,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.jit import KernelInterface
 
 from ._common import INTERPRET as _INTERPRET
+from ._common import launch as _launch
+from ._common import on_input_device
 from ._common import round_to as _to
 
 __all__ = ["delta_rule_fwd", "delta_rule_bwd", "CHUNK"]
@@ -566,11 +567,6 @@ def _config(K: int, V: int, dtype: torch.dtype, n_seq_heads: int) -> _Config:
     )
 
 
-def _launch(kernel: KernelInterface, grid: tuple[int, ...], *args, **meta) -> None:
-    """The single launch point (the ahead-of-time compile test records the launches here)."""
-    kernel[grid](*args, **meta)
-
-
 def _wy_and_states(
     k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], h0: Optional[Tensor], ch: _Chunks, cfg: _Config
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -595,6 +591,7 @@ def _wy_and_states(
     return w, hs, vn, ht
 
 
+@on_input_device
 def delta_rule_fwd(
     q: Tensor,
     k: Tensor,
@@ -619,6 +616,7 @@ def delta_rule_fwd(
     return o, ht
 
 
+@on_input_device
 def delta_rule_bwd(
     q: Tensor,
     k: Tensor,

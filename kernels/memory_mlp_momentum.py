@@ -21,8 +21,9 @@ computes before the scalars are known. Hence two passes over the tensors' memory
    residue there (the rounded o and ⟨o, g⟩ do not come from one product).
 3. ``_hidden_kernel`` (per tile): s, and da = r(dâ − mean(dâ) − â·mean(dâ⊙â)) with dâ = γ⊙dz,
    dz = ds ⊙ σ(z)(1 + z(1 − σ(z))); per-tile partial sums of dγ, dβ, db1.
-4. ``_projection_kernel`` (``l2_regression`` only; one program per [BP, BP] tile of P): P += Σ_b w_b e_b g_bᵀ over
-   every block (P is read only by pass 1).
+4. ``_projection_kernel`` (``l2_regression`` only; grid: [BP, BP] tiles of P × splits of the block rows, about two
+   programs per SM in all): partial sums of Σ_b w_b e_b g_bᵀ, added into P after the launch in split order (P is
+   read only by pass 1). At S = 64 P is one tile: the row splits are what keeps the GPU busy.
 5. ``_backward_kernel`` (grid: S-coordinate chunks × splits of the block rows; output-stationary): per tile of rows
    recomputes Oᵀ = W2c sᵀ for its BC coordinates, forms dO, accumulates dW2c += dOᵀ s, (dW1 columns)ᵀ += Gᵀ da and
    Mᵀ da, db2 += Σ dO in registers, and updates m ← μm + o, W ← W − lr·m (fp32, rounded once), o_prev ← o.
@@ -59,10 +60,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.jit import KernelInterface
 
 from ..reference.memory_mlp_momentum import LOSSES, NORM_EPS, Hyper
 from ._common import INTERPRET as _INTERPRET
+from ._common import launch as _launch
+from ._common import on_input_device
 from ._common import round_to as _to
 
 __all__ = ["MAX_HIDDEN", "memory_mlp_momentum"]
@@ -431,14 +433,16 @@ def _projection_tile(
 
 @triton.jit
 def _projection_kernel(
-    tab, blk, coef, err, proj, NB, NF, weight_decay, S: tl.constexpr, PDT: tl.constexpr, WD: tl.constexpr,
+    tab, blk, coef, err, part, NB, NF, per_split, weight_decay, S: tl.constexpr, PDT: tl.constexpr, WD: tl.constexpr,
     PREC: tl.constexpr, ALIGN: tl.constexpr, BP: tl.constexpr, BB: tl.constexpr,
 ):  # fmt: skip
-    """P[tile] += Σ_b w_b e_b g_bᵀ over every block row (after pass 1, the only reader of P)."""
+    """part[split][tile] = Σ_b w_b e_b g_bᵀ over the block rows of row tiles [split · per_split, …) (summed into P
+    after the launch)."""
     ii = tl.program_id(0) * BP + tl.arange(0, BP)
     jj = tl.program_id(1) * BP + tl.arange(0, BP)
+    split = tl.program_id(2)
     acc = tl.zeros((BP, BP), dtype=tl.float32)
-    for tile in range(0, tl.cdiv(NB, BB)):
+    for tile in range(split * per_split, tl.minimum((split + 1) * per_split, tl.cdiv(NB, BB))):
         rows = tile * BB + tl.arange(0, BB).to(tl.int64)
         if (tile + 1) * BB <= NF:
             acc = _projection_tile(tab, blk, coef, err, rows, ii, jj, acc, NB, weight_decay, S, PDT, WD, PREC, ALIGN,
@@ -446,9 +450,8 @@ def _projection_kernel(
         else:
             acc = _projection_tile(tab, blk, coef, err, rows, ii, jj, acc, NB, weight_decay, S, PDT, WD, PREC, ALIGN,
                                    False)  # fmt: skip
-    ptrs = proj + ii[:, None] * S + jj[None, :]
     mask = (ii < S)[:, None] & (jj < S)[None, :]
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+    tl.store(part + split.to(tl.int64) * S * S + ii[:, None] * S + jj[None, :], acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------- pass 2: backward + update
@@ -649,11 +652,6 @@ def _pow2(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def _launch(kernel: KernelInterface, grid: tuple[int, ...], *args, **meta) -> None:
-    """The single launch point (the ahead-of-time compile test records the launches here)."""
-    kernel[grid](*args, **meta)
-
-
 @dataclass(frozen=True)
 class _Layout:
     """The device tables of one call: tensor table [T, 8] int64 (u, W, m, o_prev pointers, n, has_prev, first full
@@ -718,7 +716,8 @@ def _layout(ts: list[tuple[Tensor, Tensor, Tensor, Tensor]], has_prev: list[bool
 
 
 def _splits(tiles: int, chunks: int, device: torch.device) -> int:
-    """Splits of the block rows in the backward: about two programs per SM on a GPU (one partial-sum row each)."""
+    """Splits of ``tiles`` row tiles for a launch of ``chunks`` programs per split: about two programs per SM on a
+    GPU (one partial sum each)."""
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -726,6 +725,7 @@ def _splits(tiles: int, chunks: int, device: torch.device) -> int:
     return max(1, min(tiles, round(target / chunks)))
 
 
+@on_input_device
 def memory_mlp_momentum(
     params: list[Tensor],
     grads: list[Tensor],
@@ -783,10 +783,15 @@ def memory_mlp_momentum(
     _launch(_hidden_kernel, (hidden_tiles,), lay.blk, coef, vecs, hpart, gam, bet, NB, float(hyper.ln_eps), H=H, HP=HP,
             NV=nv, LOSS=loss, GRAD=grad, PREV=prev and grad, BM=BH)  # fmt: skip
     BB = _pow2(NB, cfg.BB)
-    if loss == _L2:
+    if loss == _L2:  # the P tiles alone are too few programs at small S: the block rows are split too
         BP = _pow2(S, cfg.BP)
-        _launch(_projection_kernel, (triton.cdiv(S, BP), triton.cdiv(S, BP)), lay.tab, lay.blk, coef, err, projection,
-                NB, NF, wd, BP=BP, BB=BB, **flags, **cfg.projection)  # fmt: skip
+        p_tiles, row_tiles = triton.cdiv(S, BP), triton.cdiv(NB, BB)
+        per_split = triton.cdiv(row_tiles, _splits(row_tiles, p_tiles * p_tiles, dev))
+        p_splits = triton.cdiv(row_tiles, per_split)
+        p_part = torch.empty(p_splits, S, S, dtype=f32, device=dev)
+        _launch(_projection_kernel, (p_tiles, p_tiles, p_splits), lay.tab, lay.blk, coef, err, p_part, NB, NF,
+                per_split, wd, BP=BP, BB=BB, **flags, **cfg.projection)  # fmt: skip
+        projection.add_(p_part.sum(0))
     BC = _pow2(S, cfg.BC)
     chunks, row_tiles = triton.cdiv(S, BC), triton.cdiv(NB, BB)
     per_split = triton.cdiv(row_tiles, _splits(row_tiles, chunks, dev))

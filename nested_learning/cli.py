@@ -148,7 +148,7 @@ def train(args: argparse.Namespace) -> int:
     try:
         config = task_training.TrainConfig(**overrides, task_kwargs=_task_args(args.task_arg))
         task_training.build_task(config)  # bad task arguments fail here, before any work
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise SystemExit(f"nested-learning train: {err}") from None
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,5 +32,5 @@ def make_task(name: str, **kwargs: Any) -> Task:
     accepted = [p for p in inspect.signature(TASKS[name]).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"task {name!r} takes {', '.join(accepted)}; got unknown argument(s) {', '.join(unknown)}")
+        raise TypeError(f"task {name!r} takes {', '.join(accepted)}; got unknown argument(s) {', '.join(unknown)}")
     return TASKS[name](**kwargs)

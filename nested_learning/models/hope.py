@@ -281,7 +281,9 @@ class HOPE(SelfModifyingModule):
 
         The prompt runs once; every new token then runs alone against the carried state (fast
         weights, delta-rule memories, convolution and KV caches), so the logits equal those of
-        a full-sequence forward. The total length must fit ``max_seq_len``.
+        a full-sequence forward. The total length must fit ``max_seq_len``. The batch-rule
+        layers' queued updates (``mixer='attention'``) are left as they were before the call:
+        sampled tokens never reach the weights through a later ``apply_pending_updates``.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -290,17 +292,18 @@ class HOPE(SelfModifyingModule):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         self._check_ids(input_ids, max_new_tokens)
-        logits, state = self(input_ids, enable_self_modification=enable_self_modification, return_state=True)
-        out = input_ids
-        for _ in range(max_new_tokens):
-            last = logits[:, -1, :] / temperature
-            if top_k is not None:
-                kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
-                last = last.masked_fill(last < kth, float("-inf"))
-            token = torch.multinomial(torch.softmax(last, dim=-1), num_samples=1)
-            out = torch.cat([out, token], dim=1)
-            logits, state = self(token, enable_self_modification=enable_self_modification, state=state,
-                                 return_state=True)
+        with self.kept_pending_updates():
+            logits, state = self(input_ids, enable_self_modification=enable_self_modification, return_state=True)
+            out = input_ids
+            for _ in range(max_new_tokens):
+                last = logits[:, -1, :] / temperature
+                if top_k is not None:
+                    kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                token = torch.multinomial(torch.softmax(last, dim=-1), num_samples=1)
+                out = torch.cat([out, token], dim=1)
+                logits, state = self(token, enable_self_modification=enable_self_modification, state=state,
+                                     return_state=True)
         return out
 
     def get_cms_modules(self) -> list[ContinuumMemorySystem]:

@@ -19,7 +19,8 @@ Two update rules for a weight W (out × in):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -190,6 +191,18 @@ class SelfModifyingModule(nn.Module):
     def clear_pending_updates(self) -> None:
         for layer in self.self_modifying_linears():
             layer.clear_pending_updates()
+
+    @contextmanager
+    def kept_pending_updates(self) -> Iterator[None]:
+        """Inside, layers queue updates as usual; on exit every queue is back to what it held on
+        entry (inference, e.g. ``generate``, leaves nothing for the next apply to write)."""
+        saved = [(layer, None if layer.pending_update is None else layer.pending_update.clone(),  # added to in place
+                  layer.num_pending_updates) for layer in self.self_modifying_linears()]
+        try:
+            yield
+        finally:
+            for layer, pending, count in saved:
+                layer.pending_update, layer.num_pending_updates = pending, count
 
 
 class KVCache(NamedTuple):

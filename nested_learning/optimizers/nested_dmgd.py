@@ -111,6 +111,8 @@ class NestedDeepMomentumGD(Optimizer):
             ``str(S)`` (e.g. another optimizer's ``memory_modules``, shared across tasks by
             :class:`nested_learning.meta.MetaLearner`, or the result of ``pretrain_optimizer``);
             it must hold every bucket the parameters need.
+        foreach: run each bucket's memory once on the blocks of all its tensors (``None``:
+            True), or once per tensor (the same math, one smaller product per tensor).
 
     A memory created here takes the device of the first parameter of its bucket and that
     parameter's dtype when float32/float64 (else float32); contexts are cast to the memory's
@@ -126,7 +128,10 @@ class NestedDeepMomentumGD(Optimizer):
     def __init__(self, params: Iterable[Any], memory_optimizer: MemoryOptimizerArg = None, lr: float = 1e-3,
                  memory_lr: float = 1e-4, momentum: float = 0.9, memory_depth: int = 2, memory_hidden_dim: int = 64,
                  meta_learning: bool = True, *, bucket_sizes: Sequence[int] | None = None,
-                 memory_modules: nn.ModuleDict | None = None):
+                 memory_modules: nn.ModuleDict | None = None, foreach: bool | None = None):
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        self.foreach = True if foreach is None else foreach
         lr = number("lr", lr)
         momentum = number("momentum", momentum, 0.0, 1.0, high_open=True)
         self.memory_lr = number("memory_lr", memory_lr)
@@ -219,10 +224,12 @@ class NestedDeepMomentumGD(Optimizer):
                 buckets[bucket_for(p.numel(), self.bucket_sizes)].append((p, group))
         with torch.set_grad_enabled(create_graph):
             for size, entries in buckets.items():
-                self._step_bucket(size, entries, create_graph)
+                for chunk in [entries] if self.foreach else [[e] for e in entries]:
+                    self._step_bucket(size, chunk, create_graph)
         return loss
 
     def _step_bucket(self, size: int, entries: list[tuple[Tensor, dict[str, Any]]], create_graph: bool) -> None:
+        """The tensors ``entries`` of bucket ``size``, their blocks through its memory at once."""
         memory = self.memory_modules[str(size)]
         dtype = next(memory.parameters()).dtype
         previous, grads, moms = [], [], []

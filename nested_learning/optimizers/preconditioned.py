@@ -45,9 +45,7 @@ def rms_preconditioned(
 
 
 def _check_preconditioned(group: Mapping[str, Any]) -> None:
-    number("lr", group["lr"])
-    number("momentum", group["momentum"])
-    number("weight_decay", group["weight_decay"])
+    check_momentum_hyper(group)
     choice("precondition_type", group["precondition_type"], PRECONDITION_TYPES)
     number("eps", group["eps"])
     number("beta2", group["beta2"], 0.0, 1.0, high_open=True)
@@ -68,7 +66,8 @@ class PreconditionedMomentum(TensorOptimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: η ≥ 0.  momentum: μ ≥ 0.  weight_decay: λ ≥ 0 (L2, added to the gradient).
+        lr: η ≥ 0.  momentum: μ ∈ [0, 1) (at μ ≥ 1 the buffer never forgets a step).
+        weight_decay: λ ≥ 0 (L2, added to the gradient).
         precondition_type: ``'diagonal'``, ``'adam'`` or ``'none'``.
         eps: ε ≥ 0.  beta2: β₂ ∈ [0, 1).
         foreach: multi-tensor path (``None``: on when every parameter is on CUDA).

@@ -137,6 +137,14 @@ def check_momentum_hyper(group: Mapping[str, Any]) -> None:
     number("weight_decay", group["weight_decay"])
 
 
+def _check_simple(group: Mapping[str, Any]) -> None:
+    check_momentum_hyper(group)
+    if group["fused"] not in (None, True, False):
+        raise ValueError(f"fused must be None, True or False, got {group['fused']!r}")
+    if group["fused"] and group["foreach"]:
+        raise ValueError("fused and foreach cannot both be True")
+
+
 class SimpleMomentumGD(TensorOptimizer):
     """Heavy-ball momentum:  g ← g + λW;  m ← μ m + g;  W ← W − η m.
 
@@ -147,6 +155,8 @@ class SimpleMomentumGD(TensorOptimizer):
         params: parameters or parameter groups.
         lr: η ≥ 0.  momentum: μ ∈ [0, 1).  weight_decay: λ ≥ 0 (L2, added to the gradient).
         foreach: multi-tensor path (``None``: on when every parameter is on CUDA).
+        fused: the whole rule in one kernel per (device, dtype), torch's fused SGD kernel (CPU
+            and CUDA, floating-point parameters); ``None``: off, as in ``torch.optim.SGD``.
     """
 
     def __init__(
@@ -157,14 +167,40 @@ class SimpleMomentumGD(TensorOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused))
 
-    check_hyper = staticmethod(check_momentum_hyper)
+    check_hyper = staticmethod(_check_simple)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("fused", None)
 
     def update(self, group: Group, params: list[Tensor], grads: list[Tensor], foreach: bool) -> None:
-        grads = with_weight_decay(grads, params, group["weight_decay"], foreach)
+        if group["fused"]:
+            bad = next((p.dtype for p in params if not p.is_floating_point()), None)
+            if bad is not None:
+                raise RuntimeError(f"fused=True needs floating-point parameters, got {bad}")
         bufs = state_list(self, params, "momentum_buffer", zeros)
+        if group["fused"]:
+            self._fused_update(group, params, grads, bufs)
+            return
+        grads = with_weight_decay(grads, params, group["weight_decay"], foreach)
         each("mul_", foreach, bufs, group["momentum"])
         each("add_", foreach, bufs, grads)
         each("add_", foreach, params, bufs, alpha=-group["lr"])
+
+    @staticmethod
+    def _fused_update(group: Group, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]) -> None:
+        """torch's fused SGD per (device, dtype); with the buffers starting at zero, its
+        non-first-step rule m ← μm + g is the rule above from the first step on."""
+        parts: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+        for p, g, m in zip(params, grads, bufs):
+            part = parts.setdefault((p.device, p.dtype), ([], [], []))
+            for out, t in zip(part, (p, g, m)):
+                out.append(t)
+        for ps, gs, ms in parts.values():
+            torch._fused_sgd_(ps, gs, ms, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                              lr=group["lr"], dampening=0.0, nesterov=False, maximize=False, is_first_step=False)

@@ -89,7 +89,7 @@ def test_make_task_rejects_unknown_names():
 def test_make_task_passes_kwargs():
     task = data.make_task("copy", length=3, vocab=4)
     assert isinstance(task, data.Copy) and task.seq_len == 7
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"task 'parity' takes length; got unknown argument\(s\) num_pairs"):
         data.make_task("parity", num_pairs=3)
 
 

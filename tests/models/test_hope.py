@@ -114,15 +114,23 @@ def test_generate_with_carried_state_equals_rerunning_the_prefix(kw):
     assert torch.equal(out, seq)
 
 
-def test_generation_does_not_grow_memory():
+def test_generation_does_not_grow_memory_or_leave_updates_queued():
     model = _small_hope(mixer="attention")
+    layers = [m for m in model.modules() if isinstance(m, nl.models.SelfModifyingLinear)]
     prompt = torch.randint(0, 23, (1, 4))
+    model(prompt)  # a training-style forward queues one update per layer
+    queued = [(m.pending_update.clone(), m.num_pending_updates) for m in layers]
+    weights = [m.weight.clone() for m in layers]
     model.generate(prompt, max_new_tokens=5)
     sizes = sum(b.numel() for b in model.buffers() if b is not None)
     model.generate(prompt, max_new_tokens=40)
     assert sum(b.numel() for b in model.buffers() if b is not None) == sizes
-    pending = [m.num_pending_updates for m in model.modules() if isinstance(m, nl.models.SelfModifyingLinear)]
-    assert min(pending) == 47  # 1 + 5 + 1 + 40 queued calls, one buffer each
+    for m, (pending, count), w in zip(layers, queued, weights):
+        assert m.num_pending_updates == count == 1 and torch.equal(m.pending_update, pending)
+        assert torch.equal(m.weight, w)
+    model.clear_pending_updates()
+    model.generate(prompt, max_new_tokens=3)
+    assert all(m.pending_update is None and m.num_pending_updates == 0 for m in layers)
 
 
 def test_generate_validates_arguments():

@@ -185,6 +185,33 @@ def test_meta_gradient_matches_independent_float64_computation():
         assert fd == pytest.approx(got[n][idx].item(), rel=1e-5, abs=1e-9), n
 
 
+def test_per_tensor_path_equals_the_batched_one():
+    """foreach=False runs the memory once per tensor: same trajectory and meta-gradient in float64."""
+    results = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(3, 5), (7,), (2, 2), ()]]
+        opt = NestedDeepMomentumGD(params, lr=0.2, bucket_sizes=[4, 16], memory_hidden_dim=6, foreach=foreach)
+        with torch.no_grad():
+            for p in opt.memory_modules.parameters():
+                p.mul_(30.0)
+        calls = []
+        for memory in opt.memory_modules.values():
+            memory.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        for _ in range(3):
+            opt.zero_grad()
+            sum(((p - 1) ** 2).sum() for p in params).backward()
+            opt.step(create_graph=True)
+        opt.compute_meta_gradients(sum((p ** 2).sum() for p in params))
+        results.append(([p.detach() for p in params], [p.grad for p in opt.memory_modules.parameters()]))
+        # blocks per memory call in one step: bucket 4 holds (2, 2) and (), bucket 16 the rest
+        assert sorted(calls[: len(calls) // 3]) == ([1, 1, 1, 1] if not foreach else [2, 2])
+    (w_a, g_a), (w_b, g_b) = results
+    assert max(g.abs().max().item() for g in g_a) > 1e-3
+    for x, y in zip(w_a + g_a, w_b + g_b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
 def test_recording_rules():
     w = nn.Parameter(torch.randn(5))
     opt = NestedDeepMomentumGD([w], lr=0.1)
@@ -334,6 +361,7 @@ def test_shared_memory_modules():
     ({"memory_depth": 0}, "memory_depth"),
     ({"memory_hidden_dim": 2.5}, "memory_hidden_dim"),
     ({"bucket_sizes": [0, 8]}, "bucket_sizes"),
+    ({"foreach": "yes"}, "foreach"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):

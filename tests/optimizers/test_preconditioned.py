@@ -76,7 +76,8 @@ def test_adaptive_equals_torch_adam_bitwise(foreach):
 @pytest.mark.parametrize(
     "kwargs, argument",
     [({"precondition_type": "full"}, "precondition_type"), ({"beta2": 1.0}, "beta2"), ({"eps": -1.0}, "eps"),
-     ({"lr": float("nan")}, "lr"), ({"momentum": -0.1}, "momentum")],
+     ({"lr": float("nan")}, "lr"), ({"momentum": -0.1}, "momentum"), ({"momentum": 1.0}, "momentum"),
+     ({"momentum": 2.0}, "momentum")],
 )
 def test_bad_hyper_parameters_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):

@@ -157,6 +157,46 @@ def test_equals_torch_sgd_bitwise():
         assert_all_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_equals_torch_fused_sgd_bitwise(dtype):
+    ours = [torch.nn.Parameter(p.detach().to(dtype)) for p in make_params("SimpleMomentumGD")]
+    theirs = clone_params(ours)
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02, "weight_decay": 0.0}]
+    opt = SimpleMomentumGD(groups(ours), lr=0.05, momentum=0.8, weight_decay=0.01, fused=True)
+    train(opt, ours, 5)
+    train(torch.optim.SGD(groups(theirs), lr=0.05, momentum=0.8, weight_decay=0.01, fused=True), theirs, 5)
+    assert_all_equal(ours, theirs)
+    unfused = clone_params(make_params("SimpleMomentumGD"))
+    train(SimpleMomentumGD(groups(unfused), lr=0.05, momentum=0.8, weight_decay=0.01), unfused, 5)
+    for a, b in zip(ours, unfused):  # the same rule, rounded once per step instead of per operation
+        torch.testing.assert_close(a.float(), b, **({} if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)))
+
+
+def test_fused_resume_is_bit_identical():
+    whole, first = make_params("SimpleMomentumGD"), make_params("SimpleMomentumGD")
+    train(SimpleMomentumGD(whole, lr=0.05, fused=True), whole, 6)
+    opt = SimpleMomentumGD(first, lr=0.05, fused=True)
+    train(opt, first, 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    second = clone_params(first)
+    resumed = SimpleMomentumGD(second, lr=0.05, fused=True)
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    train(resumed, second, 3)
+    assert_all_equal(whole, second)
+
+
+def test_fused_rejects_integer_parameters_before_moving_anything():
+    w, n = torch.nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.int64)
+    w.grad = torch.ones(2)
+    opt = SimpleMomentumGD([w], lr=0.1, fused=True)
+    opt.param_groups[0]["params"].append(n)
+    n.grad = torch.ones(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="floating-point parameters, got torch.int64"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(2)) and not opt.state
+
+
 def test_two_steps_by_hand():
     w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
     opt = SimpleMomentumGD([w], lr=0.1, momentum=0.9, weight_decay=0.5)
@@ -171,7 +211,8 @@ def test_two_steps_by_hand():
 @pytest.mark.parametrize(
     "kwargs, argument",
     [({"lr": -0.1}, "lr"), ({"momentum": 1.0}, "momentum"), ({"weight_decay": float("nan")}, "weight_decay"),
-     ({"lr": "0.1"}, "lr"), ({"foreach": "yes"}, "foreach")],
+     ({"lr": "0.1"}, "lr"), ({"foreach": "yes"}, "foreach"), ({"fused": "yes"}, "fused"),
+     ({"fused": True, "foreach": True}, "fused and foreach")],
 )
 def test_bad_hyper_parameters_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
