@@ -180,27 +180,21 @@ class SimpleMomentumGD(TensorOptimizer):
 
     def update(self, group: Group, params: list[Tensor], grads: list[Tensor], foreach: bool) -> None:
         if group["fused"]:
-            bad = next((p.dtype for p in params if not p.is_floating_point()), None)
-            if bad is not None:
-                raise RuntimeError(f"fused=True needs floating-point parameters, got {bad}")
-        bufs = state_list(self, params, "momentum_buffer", zeros)
-        if group["fused"]:
-            self._fused_update(group, params, grads, bufs)
+            self._fused_update(group, params, grads)
             return
         grads = with_weight_decay(grads, params, group["weight_decay"], foreach)
+        bufs = state_list(self, params, "momentum_buffer", zeros)
         each("mul_", foreach, bufs, group["momentum"])
         each("add_", foreach, bufs, grads)
         each("add_", foreach, params, bufs, alpha=-group["lr"])
 
-    @staticmethod
-    def _fused_update(group: Group, params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]) -> None:
+    def _fused_update(self, group: Group, params: list[Tensor], grads: list[Tensor]) -> None:
         """torch's fused SGD per (device, dtype); with the buffers starting at zero, its
         non-first-step rule m ← μm + g is the rule above from the first step on."""
-        parts: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-        for p, g, m in zip(params, grads, bufs):
-            part = parts.setdefault((p.device, p.dtype), ([], [], []))
-            for out, t in zip(part, (p, g, m)):
-                out.append(t)
-        for ps, gs, ms in parts.values():
+        bad = next((p.dtype for p in params if not p.is_floating_point()), None)
+        if bad is not None:  # before any state is made
+            raise RuntimeError(f"fused=True needs floating-point parameters, got {bad}")
+        bufs = state_list(self, params, "momentum_buffer", zeros)
+        for (ps, gs, ms), _ in self._group_tensors_by_device_and_dtype([params, grads, bufs]).values():
             torch._fused_sgd_(ps, gs, ms, weight_decay=group["weight_decay"], momentum=group["momentum"],
                               lr=group["lr"], dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
